@@ -1,0 +1,7 @@
+"""Sparse feature maps and their backends (``minkowski``, ``torch``, ``masked``)."""
+
+from sparkme.sparse.base import SparseMap
+from sparkme.sparse.context import MaskContext
+from sparkme.sparse.registry import BACKEND_NAMES, available_backends, get_backend
+
+__all__ = ["BACKEND_NAMES", "MaskContext", "SparseMap", "available_backends", "get_backend"]

@@ -1,0 +1,156 @@
+"""``minkowski`` backend: real MinkowskiEngine ``SparseTensor``s convolved by MinkowskiEngine's kernels.
+
+Weights stay in the dense ``nn.Conv2d`` layout (one layout for every backend, so checkpoints move between backends
+and export to dense models unchanged); ``dense_to_minkowski_kernel`` gives MinkowskiEngine's view of them at call
+time. Depthwise convolutions gather through MinkowskiEngine's own kernel map (its channelwise conv module is a
+Python loop over the k*k offsets).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from sparkme.sparse.base import SparseMap, conv_taps, gather_conv, linear_conv1x1
+from sparkme.sparse.context import MaskContext, conv_geometry
+
+try:
+    with warnings.catch_warnings():
+        # A CPU-only build warns on import; the registry already reports which build is installed.
+        warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY")
+        import MinkowskiEngine as ME
+        from MinkowskiEngineBackend._C import ConvolutionMode
+except ImportError as error:  # pragma: no cover - the registry reports this with an install hint
+    raise ImportError(
+        "the 'minkowski' backend needs MinkowskiEngine: run `python tools/install_minkowski.py` "
+        f"(builds and caches a wheel for your torch) ({error})"
+    ) from error
+
+DIMENSION = 2
+
+
+def dense_to_minkowski_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Dense ``(C_out, C_in, k, k)`` conv weight -> MinkowskiEngine kernel ``(k*k, C_in, C_out)``.
+
+    MinkowskiEngine numbers the offsets of a 2-D kernel with the *first* spatial coordinate (our y) varying
+    fastest: offset index ``ix * k + iy``. So ``kernel[ix * k + iy, i, o] == weight[o, i, iy, ix]``.
+    """
+    c_out, c_in, k, _ = weight.shape
+    return weight.permute(3, 2, 1, 0).reshape(k * k, c_in, c_out).contiguous()
+
+
+def minkowski_to_dense_kernel(kernel: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Inverse of ``dense_to_minkowski_kernel``: ``(k*k, C_in, C_out)`` -> ``(C_out, C_in, k, k)``."""
+    _, c_in, c_out = kernel.shape
+    return kernel.reshape(kernel_size, kernel_size, c_in, c_out).permute(3, 2, 1, 0).contiguous()
+
+
+class MinkowskiMap(SparseMap):
+    """A ``MinkowskiEngine.SparseTensor`` (coordinates ``(batch, y, x)`` in pixels, multiples of the stride)."""
+
+    backend_name = "minkowski"
+
+    def __init__(self, context: MaskContext, stride: int, tensor: ME.SparseTensor):
+        super().__init__(context, stride)
+        self.tensor = tensor
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, context: MaskContext) -> MinkowskiMap:
+        # Built from the mask's own coordinates: ME.to_sparse would also drop visible pixels whose value is 0.
+        mask = context.dense_mask(1)
+        features = images.permute(0, 2, 3, 1)[mask]
+        coordinates = context.coords(1).int()
+        tensor = ME.SparseTensor(features, coordinates=coordinates, tensor_stride=1, device=images.device)
+        return cls(context, 1, tensor)
+
+    def with_features(self, features: torch.Tensor) -> MinkowskiMap:
+        tensor = ME.SparseTensor(
+            features, coordinate_map_key=self.tensor.coordinate_map_key,
+            coordinate_manager=self.tensor.coordinate_manager,
+        )
+        return MinkowskiMap(self.context, self.stride, tensor)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.tensor.F
+
+    def visible_rows(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def from_visible_rows(self, rows: torch.Tensor) -> MinkowskiMap:
+        return self.with_features(rows)
+
+    def _batch_index(self) -> torch.Tensor:
+        key = self.tensor.coordinate_map_key
+        return self.context.cached(("me_batch", str(key)), lambda: self.tensor.C[:, 0].long())
+
+    def per_sample_sum(self, features: torch.Tensor) -> torch.Tensor:
+        out = features.new_zeros(self.context.batch_size, features.shape[1])
+        return out.index_add(0, self._batch_index(), features)
+
+    def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        return values[self._batch_index()]
+
+    def _kernel_generator(self, kernel_size: int, stride: int) -> ME.KernelGenerator:
+        return self.context.cached(
+            ("me_kernel", kernel_size, stride),
+            lambda: ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dimension=DIMENSION),
+        )
+
+    def _wrap(self, features: torch.Tensor, key, stride: int) -> MinkowskiMap:
+        tensor = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=self.tensor.coordinate_manager)
+        return MinkowskiMap(self.context, self.stride * stride, tensor)
+
+    def conv2d(self, conv: torch.nn.Conv2d) -> MinkowskiMap:
+        kernel, stride, padding = conv_taps(conv)
+        conv_geometry(kernel, stride, padding)
+        if kernel == 1 and stride == 1:
+            return self.with_features(linear_conv1x1(self.tensor.F, conv))
+        if conv.groups > 1:
+            return self._depthwise(conv, kernel, stride)
+        generator = self._kernel_generator(kernel, stride)
+        out_key = ME.CoordinateMapKey(self.tensor.coordinate_map_key.get_coordinate_size())
+        out = ME.MinkowskiConvolutionFunction.apply(
+            self.tensor.F, dense_to_minkowski_kernel(conv.weight), generator, ConvolutionMode.DEFAULT,
+            self.tensor.coordinate_map_key, out_key, self.tensor.coordinate_manager,
+        )
+        if conv.bias is not None:
+            out = out + conv.bias
+        return self._wrap(out, out_key, stride)
+
+    def _depthwise(self, conv: torch.nn.Conv2d, kernel: int, stride: int) -> MinkowskiMap:
+        manager, in_key = self.tensor.coordinate_manager, self.tensor.coordinate_map_key
+        out_key = manager.stride(in_key, [stride] * DIMENSION) if stride > 1 else in_key
+        table = self.context.cached(("me_nbr", str(in_key), str(out_key), kernel), lambda: self._neighbours(
+            in_key, out_key, kernel, stride))
+        out = gather_conv(self.tensor.F, table, conv.weight, conv.bias, conv.groups)
+        return self._wrap(out, out_key, stride)
+
+    def _neighbours(self, in_key, out_key, kernel: int, stride: int) -> torch.Tensor:
+        """``(N_out, k*k)`` rows read per tap (``ky*k + kx`` order), ``N_in`` where missing, from ME's kernel map."""
+        manager = self.tensor.coordinate_manager
+        generator = self._kernel_generator(kernel, stride)
+        region_type, region_offset, _ = generator.get_kernel(self.tensor.tensor_stride, False)
+        kernel_map = manager.kernel_map(in_key, out_key, stride, kernel, 1, region_type=region_type,
+                                        region_offset=region_offset)
+        n_in, n_out = manager.size(in_key), manager.size(out_key)
+        device = self.tensor.F.device
+        table = torch.full((n_out, kernel * kernel), n_in, dtype=torch.long, device=device)
+        for offset, in_out in kernel_map.items():
+            iy, ix = offset % kernel, offset // kernel  # ME: first spatial coordinate varies fastest
+            table[in_out[1].long().to(device), iy * kernel + ix] = in_out[0].long().to(device)
+        return table
+
+    def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> MinkowskiMap:
+        conv_geometry(kernel_size, stride, padding)
+        pool = ME.MinkowskiMaxPooling(kernel_size=kernel_size, stride=stride, dimension=DIMENSION)
+        out = pool(self.tensor)
+        return MinkowskiMap(self.context, self.stride * stride, out)
+
+    def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
+        batch = self.context.batch_size
+        height, width = self.context.grid_size(self.stride)
+        shape = torch.Size([batch, self.tensor.F.shape[1], height, width])
+        dense, _, _ = self.tensor.dense(shape=shape, min_coordinate=torch.IntTensor([0, 0]))
+        return self._fill_masked(dense, fill)

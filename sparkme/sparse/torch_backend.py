@@ -1,0 +1,65 @@
+"""``torch`` backend: true-sparse convolution in pure PyTorch (no compiled code; CPU and CUDA alike).
+
+Features are ``(N, C)`` rows of the visible sites in row-major ``(batch, y, x)`` order. A k x k convolution is one
+gather through a neighbour table (built once per mask, stride and kernel by the ``MaskContext``) and one GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparkme.sparse.base import SparseMap, conv_taps, gather_conv, gather_max_pool, linear_conv1x1
+from sparkme.sparse.context import MaskContext
+
+
+class TorchSparseMap(SparseMap):
+    """Visible sites as ``(N, C)`` rows; coordinates live in the shared ``MaskContext``."""
+
+    backend_name = "torch"
+
+    def __init__(self, context: MaskContext, stride: int, features: torch.Tensor):
+        super().__init__(context, stride)
+        self._features = features
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, context: MaskContext) -> TorchSparseMap:
+        mask = context.dense_mask(1)
+        return cls(context, 1, images.permute(0, 2, 3, 1)[mask])
+
+    def with_features(self, features: torch.Tensor) -> TorchSparseMap:
+        return TorchSparseMap(self.context, self.stride, features)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self._features
+
+    def visible_rows(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+    def from_visible_rows(self, rows: torch.Tensor) -> TorchSparseMap:
+        return self.with_features(rows)
+
+    def per_sample_sum(self, features: torch.Tensor) -> torch.Tensor:
+        out = features.new_zeros(self.context.batch_size, features.shape[1])
+        return out.index_add(0, self.context.batch_index(self.stride), features)
+
+    def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        return values[self.context.batch_index(self.stride)]
+
+    def conv2d(self, conv: torch.nn.Conv2d) -> TorchSparseMap:
+        kernel, stride, padding = conv_taps(conv)
+        if kernel == 1 and stride == 1:
+            return self.with_features(linear_conv1x1(self._features, conv))
+        table = self.context.neighbours(self.stride, kernel, stride, padding)
+        out = gather_conv(self._features, table, conv.weight, conv.bias, conv.groups)
+        return TorchSparseMap(self.context, self.stride * stride, out)
+
+    def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
+        table = self.context.neighbours(self.stride, kernel_size, stride, padding)
+        return TorchSparseMap(self.context, self.stride * stride, gather_max_pool(self._features, table))
+
+    def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self.dense_mask()
+        dense = self._features.new_zeros(*mask.shape, self._features.shape[1])
+        dense = dense.index_put((mask,), self._features) if mask.any() else dense
+        return self._fill_masked(dense.permute(0, 3, 1, 2).contiguous(), fill)

@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Build, cache and install MinkowskiEngine 0.5.4 for the running torch.
+
+PyPI only carries the 0.5.4 source distribution (May 2021). It does not import on Python >= 3.10 and its
+``setup.py`` deletes ``build/`` and uninstalls MinkowskiEngine each time it runs. This tool applies the project's
+own small patches, builds a wheel once, caches it outside the repository keyed by
+(MinkowskiEngine version, torch version, CPU/CUDA variant, Python tag) and installs it. A second run only installs
+the cached wheel (seconds); a run where the right build is already installed does nothing.
+
+Usage::
+
+    python tools/install_minkowski.py                  # CPU build (CUDA build when torch sees a GPU)
+    python tools/install_minkowski.py --device cuda --cuda-arch 9.0   # CUDA build, GPU not needed
+    python tools/install_minkowski.py --build-only     # build and cache the wheel, do not install
+
+Environment: ``SPARKME_CACHE`` (default ``~/.cache/sparkme``) holds ``minkowski/<key>/*.whl`` and the sdist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from minkowski_patches import CPU_PATCHES, CUDA_PATCHES, apply_patches  # noqa: E402
+
+ME_VERSION = "0.5.4"
+SDIST_NAME = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
+OPENBLAS_HEADER_GLOBS = (
+    "/usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h",
+    "/usr/include/*/openblas-pthread/cblas.h",
+    "/usr/include/openblas/cblas.h",
+    "/usr/include/cblas.h",
+)
+
+
+class InstallError(RuntimeError):
+    """A prerequisite is missing or a build step failed; the message says how to fix it."""
+
+
+def log(message: str) -> None:
+    print(f"[install_minkowski {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> None:
+    log("$ " + " ".join(cmd))
+    result = subprocess.run(cmd, cwd=cwd, env=env)
+    if result.returncode != 0:
+        raise InstallError(f"command failed with exit code {result.returncode}: {' '.join(cmd)}")
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _find_openblas_include() -> Path | None:
+    for pattern in OPENBLAS_HEADER_GLOBS:
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return Path(hits[0]).parent
+    conda_prefix = os.environ.get("CONDA_PREFIX")
+    if conda_prefix and (Path(conda_prefix) / "include" / "cblas.h").exists():
+        return Path(conda_prefix) / "include"
+    return None
+
+
+def ensure_openblas() -> Path:
+    """Return the folder holding OpenBLAS's ``cblas.h``, installing ``libopenblas-dev`` when we are root."""
+    include = _find_openblas_include()
+    if include is not None:
+        return include
+    if _is_root() and shutil.which("apt-get"):
+        log("OpenBLAS headers missing: installing Debian's libopenblas-dev")
+        _run(["apt-get", "update", "-qq"])
+        _run(["apt-get", "install", "-y", "-qq", "libopenblas-dev"])
+        include = _find_openblas_include()
+        if include is not None:
+            return include
+    raise InstallError(
+        "OpenBLAS headers (cblas.h) not found. Install them with `sudo apt-get install libopenblas-dev` "
+        "(Debian/Ubuntu) or `conda install -c conda-forge openblas`, then rerun."
+    )
+
+
+def ensure_compiler() -> None:
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise InstallError(
+            "no C++ compiler found (looked for $CXX or g++). Install one with `sudo apt-get install g++` "
+            "or `conda install -c conda-forge gxx_linux-64`."
+        )
+
+
+def torch_info() -> tuple[str, str | None, bool]:
+    """Return (torch version, torch's CUDA version or None, whether a GPU is visible)."""
+    try:
+        import torch
+    except ImportError as error:
+        raise InstallError(
+            "torch is not importable in this Python "
+            f"({sys.executable}): install it first, e.g. `pip install torch==2.14.1 torchvision==0.29.1`"
+        ) from error
+    return torch.__version__, torch.version.cuda, torch.cuda.is_available()
+
+
+def cache_key(torch_version: str, variant: str) -> str:
+    """Cache folder name: every input that makes a wheel incompatible is part of it."""
+    py_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    patch_digest = hashlib.sha256(repr((CPU_PATCHES, CUDA_PATCHES)).encode()).hexdigest()[:10]
+    return f"me{ME_VERSION}-torch{torch_version.replace('+', '_')}-{variant}-{py_tag}-p{patch_digest}"
+
+
+def installed_marker() -> str | None:
+    """The cache key recorded in the installed MinkowskiEngine, or None when it is missing or not ours."""
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("MinkowskiEngine")
+    except Exception:
+        return None
+    for file in dist.files or []:
+        if file.name == "SPARKME_BUILD_KEY":
+            return Path(dist.locate_file(file)).read_text().strip()
+    return None
+
+
+def _sdist(cache: Path) -> Path:
+    """Download the PyPI sdist once into the cache (pip runs the sdist's setup.py to read its metadata, which
+    needs the stdlib distutils shim and the build dependencies already present)."""
+    target = cache / "sdist" / SDIST_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {SDIST_NAME} from PyPI")
+    env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib")
+    with tempfile.TemporaryDirectory() as tmp:
+        _run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
+             "-d", tmp, f"minkowskiengine=={ME_VERSION}"],
+            env=env,
+        )
+        downloaded = next(Path(tmp).glob("*.tar.gz"))
+        shutil.move(str(downloaded), target)
+    return target
+
+
+def _cuda_home() -> str:
+    for candidate in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if candidate and Path(candidate, "bin", "nvcc").exists():
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(nvcc).resolve().parent.parent)
+    raise InstallError("CUDA build requested but nvcc was not found: set CUDA_HOME or put nvcc on PATH")
+
+
+def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str | None) -> Path:
+    """Patch the sdist in a temporary folder and build a wheel into ``cache/key``."""
+    ensure_compiler()
+    blas_include = ensure_openblas()
+    for module in ("numpy", "setuptools", "wheel", "ninja"):
+        try:
+            __import__(module)
+        except ImportError:
+            _run([sys.executable, "-m", "pip", "install", "-q", module])
+    sdist = _sdist(cache)
+    out_dir = cache / key
+    with tempfile.TemporaryDirectory(prefix="sparkme-me-build-") as tmp:
+        with tarfile.open(sdist) as archive:
+            archive.extractall(tmp, filter="data")
+        source = Path(tmp) / f"MinkowskiEngine-{ME_VERSION}"
+        patches = CPU_PATCHES + (CUDA_PATCHES if variant != "cpu" else [])
+        for line in apply_patches(source, patches):
+            log(line)
+        (source / "MinkowskiEngine" / "SPARKME_BUILD_KEY").write_text(key + "\n")
+        env = dict(os.environ, MAX_JOBS=str(jobs), SETUPTOOLS_USE_DISTUTILS="stdlib")
+        args = [sys.executable, "setup.py", "bdist_wheel", "--blas=openblas", f"--blas_include_dirs={blas_include}"]
+        if variant == "cpu":
+            args.append("--cpu_only")
+        else:
+            cuda_home = _cuda_home()
+            env["CUDA_HOME"] = cuda_home
+            env["TORCH_CUDA_ARCH_LIST"] = cuda_arch or env.get("TORCH_CUDA_ARCH_LIST", "9.0")
+            args += ["--force_cuda", f"--cuda_home={cuda_home}"]
+        started = time.time()
+        _run(args, cwd=source, env=env)
+        wheels = list((source / "dist").glob("*.whl"))
+        if len(wheels) != 1:
+            raise InstallError(f"expected one wheel in {source / 'dist'}, found {wheels}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / (wheels[0].name + ".partial")
+        shutil.copy2(wheels[0], partial)
+        final = out_dir / wheels[0].name
+        os.replace(partial, final)  # a killed build never leaves a half-written wheel in the cache
+    log(f"built {final.name} in {time.time() - started:.0f} s ({final.stat().st_size / 2**20:.1f} MiB)")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA build when torch sees a GPU, else CPU build")
+    parser.add_argument("--cuda-arch", default=None, help="TORCH_CUDA_ARCH_LIST for a CUDA build, e.g. '9.0'")
+    parser.add_argument("--jobs", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
+    parser.add_argument("--cache-dir", default=os.environ.get("SPARKME_CACHE", str(Path.home() / ".cache/sparkme")))
+    parser.add_argument("--build-only", action="store_true", help="build and cache the wheel without installing")
+    parser.add_argument("--rebuild", action="store_true", help="ignore a cached wheel")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    torch_version, torch_cuda, gpu_visible = torch_info()
+    want_cuda = args.device == "cuda" or (args.device == "auto" and gpu_visible)
+    if want_cuda and torch_cuda is None:
+        raise InstallError(f"CUDA build requested but torch {torch_version} is a CPU-only build")
+    variant = f"cu{torch_cuda.replace('.', '')}-sm{(args.cuda_arch or '9.0').replace('.', '')}" if want_cuda else "cpu"
+    key = cache_key(torch_version, variant)
+    cache = Path(args.cache_dir).expanduser() / "minkowski"
+    log(f"torch {torch_version}, variant {variant}, cache key {key}")
+
+    if not args.build_only and not args.rebuild and installed_marker() == key:
+        log(f"MinkowskiEngine {ME_VERSION} ({key}) already installed; nothing to do ({time.time() - started:.1f} s)")
+        return 0
+    cached = sorted((cache / key).glob("*.whl"))
+    if cached and not args.rebuild:
+        wheel = cached[0]
+        log(f"using cached wheel {wheel}")
+    else:
+        wheel = build_wheel(cache, key, variant, args.jobs, args.cuda_arch)
+    if not args.build_only:
+        _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)])
+        _run([sys.executable, "-c", "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'ok')"],
+             cwd=Path(tempfile.gettempdir()))
+    log(f"done in {time.time() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except InstallError as error:
+        print(f"install_minkowski: error: {error}", file=sys.stderr)
+        sys.exit(2)

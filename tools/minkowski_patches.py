@@ -1,0 +1,117 @@
+"""The project's source patches for the MinkowskiEngine 0.5.4 sdist.
+
+Each patch is ``(relative path, old text, new text, why)``. ``apply_patches`` fails loudly when an ``old`` text is
+missing, so a changed sdist can never be built half-patched.
+
+CPU patches make the sdist build and import with torch 2.x, Python >= 3.10, numpy 2 and current setuptools.
+CUDA patches (added to the CPU ones for a CUDA build) make it compile with CUDA 12/13 and CCCL's thrust.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+Patch = tuple[str, str, str, str]
+
+_SEQUENCE_FILES = (
+    "MinkowskiEngine/MinkowskiCoordinateManager.py",
+    "MinkowskiEngine/MinkowskiTensorField.py",
+    "MinkowskiEngine/MinkowskiCommon.py",
+    "MinkowskiEngine/utils/quantization.py",
+)
+
+CPU_PATCHES: list[Patch] = [
+    (
+        "setup.py",
+        'run_command("rm", "-rf", "build")\nrun_command("pip", "uninstall", "MinkowskiEngine", "-y")\n',
+        "",
+        "setup.py must not delete build/ nor uninstall the installed package every time it runs",
+    ),
+    *[
+        (path, "from collections import Sequence\n", "from collections.abc import Sequence\n",
+         "collections.Sequence was removed in Python 3.10")
+        for path in _SEQUENCE_FILES
+    ],
+    (
+        "MinkowskiEngine/MinkowskiKernelGenerator.py",
+        "from collections import Sequence, namedtuple\n",
+        "from collections import namedtuple\nfrom collections.abc import Sequence\n",
+        "collections.Sequence was removed in Python 3.10",
+    ),
+    (
+        "MinkowskiEngine/utils/gradcheck.py",
+        "from torch._six import container_abcs, istuple\n",
+        "import collections.abc as container_abcs\n\n\ndef istuple(value):\n    return isinstance(value, tuple)\n",
+        "torch._six was removed in torch 2.0",
+    ),
+]
+
+_NVTX_OFF = "#ifndef NVTX_DISABLE\n#define NVTX_DISABLE\n#endif\n"
+
+CUDA_PATCHES: list[Patch] = [
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "#include <thrust/pair.h>\n",
+        "#include <thrust/pair.h>\n#include <thrust/execution_policy.h>\n",
+        "CCCL no longer includes execution_policy.h transitively (upstream issues #543, #596)",
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "#include <cudf/detail/nvtx/ranges.hpp>\n",
+        _NVTX_OFF + "#include <cudf/detail/nvtx/ranges.hpp>\n",
+        "NVTX v2 headers are gone from CUDA 12+; the ranges are only profiling annotations",
+    ),
+    (
+        "src/convolution_kernel.cuh",
+        '#include "gpu.cuh"\n',
+        '#include "gpu.cuh"\n#include <thrust/execution_policy.h>\n',
+        "CCCL no longer includes execution_policy.h transitively",
+    ),
+    (
+        "src/coordinate_map_gpu.cu",
+        "#include <thrust/sort.h>\n",
+        "#include <thrust/sort.h>\n#include <thrust/remove.h>\n#include <thrust/unique.h>\n",
+        "thrust::remove_if / thrust::unique need their own headers with CCCL",
+    ),
+    (
+        "src/spmm.cu",
+        "#include <cusparse.h>\n",
+        "#include <cusparse.h>\n#include <thrust/execution_policy.h>\n#include <thrust/reduce.h>\n"
+        "#include <thrust/sort.h>\n",
+        "CCCL no longer includes these transitively (upstream PR #626)",
+    ),
+    (
+        "src/coordinate_map_functors.cuh",
+        "    : public thrust::unary_function<uint32_t,\n                                    thrust::pair<uint32_t, uint32_t>> {\n",
+        " {\n  using argument_type = uint32_t;\n  using result_type = thrust::pair<uint32_t, uint32_t>;\n",
+        "thrust::unary_function was removed in CCCL 3 (CUDA 13)",
+    ),
+    (
+        "setup.py",
+        'NVCC_FLAGS += ["--expt-relaxed-constexpr", "--expt-extended-lambda"]\n',
+        'NVCC_FLAGS += ["--expt-relaxed-constexpr", "--expt-extended-lambda", "-DNVTX_DISABLE"]\n'
+        "if CUDA_HOME or os.environ.get('CUDA_HOME'):\n"
+        "    _cccl = os.path.join(CUDA_HOME or os.environ['CUDA_HOME'], 'targets', 'x86_64-linux', 'include', 'cccl')\n"
+        "    if os.path.isdir(_cccl):\n"
+        "        NVCC_FLAGS += ['-I' + _cccl]\n",
+        "CUDA 13 moved thrust/cub/libcu++ under include/cccl",
+    ),
+]
+
+
+def apply_patches(source: Path, patches: list[Patch]) -> list[str]:
+    """Apply ``patches`` to the unpacked sdist at ``source``; return one log line per patch.
+
+    Raises:
+        RuntimeError: an ``old`` text is not found exactly once (the sdist is not the one these patches target).
+    """
+    done = []
+    for relative, old, new, why in patches:
+        path = source / relative
+        text = path.read_text()
+        count = text.count(old)
+        if count != 1:
+            raise RuntimeError(f"patch for {relative} ({why}) expected its target once, found it {count} times")
+        path.write_text(text.replace(old, new))
+        done.append(f"patched {relative}: {why}")
+    return done
