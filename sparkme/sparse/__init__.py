@@ -2,6 +2,6 @@
 
 from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext
-from sparkme.sparse.registry import BACKEND_NAMES, available_backends, get_backend
+from sparkme.sparse.registry import BACKEND_NAMES, available_backends, get_backend, sparse_from_images
 
-__all__ = ["BACKEND_NAMES", "MaskContext", "SparseMap", "available_backends", "get_backend"]
+__all__ = ["BACKEND_NAMES", "MaskContext", "SparseMap", "available_backends", "get_backend", "sparse_from_images"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from sparkme.sparse.base import SparseMap
+from sparkme.sparse.context import MaskContext
 
 _BACKENDS = {
     "minkowski": ("sparkme.sparse.minkowski_backend", "MinkowskiMap",
@@ -43,3 +44,9 @@ def available_backends() -> dict[str, str]:
         except ImportError as error:
             status[name] = str(error)
     return status
+
+
+def sparse_from_images(images, mask, backend: str) -> SparseMap:
+    """The stride-1 sparse map of the visible pixels of ``images`` ``(B, C, H, W)`` under patch ``mask``
+    ``(B, H//32, W//32)`` (True = visible) on ``backend``."""
+    return get_backend(backend).from_images(images, MaskContext(mask, tuple(images.shape[2:])))

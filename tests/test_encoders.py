@@ -1,0 +1,202 @@
+"""Every sparse backend against the masked-dense oracle, and the dense <-> sparse converter."""
+
+import copy
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from conftest import ALL_BACKENDS, SPARSE_BACKENDS, relative_error
+from sparkme import SparseEncoder, available_backends, random_mask
+from sparkme.masking import mask_at_stride
+from sparkme.sparse import ops, sparse_from_images
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "resnet50": lambda: torchvision.models.resnet50(),
+    "convnext_atto": lambda: timm.create_model("convnext_atto"),
+    "convnextv2_atto": lambda: timm.create_model("convnextv2_atto"),
+}
+TOLERANCE = 1e-4
+
+
+def _randomise_affine(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial norm affines, running stats, layer scales and GRN weights, so every parameter matters."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        for name in ("weight", "bias", "running_mean", "gamma"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+                with torch.no_grad():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (name == "weight"))
+        if getattr(module, "running_var", None) is not None:
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return model
+
+
+def _inputs(batch, ratio, size=(224, 224), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *size, generator=generator)
+    mask = random_mask(batch, size[0] // 32, size[1] // 32, ratio, generator=generator)
+    return images, mask
+
+
+def _forward_backward(encoder, images, mask):
+    features = encoder(images, mask)
+    generator = torch.Generator().manual_seed(2)
+    projections = [torch.randn(f.shape, generator=generator, dtype=f.dtype) for f in features]
+    sum((f * p).sum() for f, p in zip(features, projections)).backward()
+    return features, {name: p.grad.clone() for name, p in encoder.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def dense_models():
+    return {name: _randomise_affine(make()) for name, make in MODELS.items()}
+
+
+def _run(dense, backend, images, mask, dtype):
+    encoder = SparseEncoder.from_dense(copy.deepcopy(dense).to(dtype), backend=backend).train()
+    features, grads = _forward_backward(encoder, images.to(dtype), mask)
+    buffers = {k: v for k, v in encoder.named_buffers() if v.is_floating_point()}
+    return features, grads, buffers
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.9])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_sparse_backends_match_masked_oracle_in_float64(dense_models, model_name, ratio):
+    """Exact semantics: forward, every parameter gradient and BN running stats agree to 1e-9 in float64."""
+    images, mask = _inputs(batch=2, ratio=ratio)
+    oracle = _run(dense_models[model_name], "masked", images, mask, torch.float64)
+    for backend in SPARSE_BACKENDS:
+        features, grads, buffers = _run(dense_models[model_name], backend, images, mask, torch.float64)
+        for scale, (actual, expected) in enumerate(zip(features, oracle[0])):
+            visible = mask_at_stride(mask, 4 * 2**scale)[:, None].expand_as(expected)
+            assert relative_error(actual[visible], expected[visible]) <= 1e-9, (backend, scale)
+            assert torch.all(actual[~visible] == 0) and torch.all(expected[~visible] == 0)
+        assert grads.keys() == oracle[1].keys() and buffers.keys() == oracle[2].keys()
+        for name in grads:
+            assert relative_error(grads[name], oracle[1][name]) <= 1e-9, (backend, name)
+        for name in buffers:
+            assert relative_error(buffers[name], oracle[2][name]) <= 1e-9, (backend, name)
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.9])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_sparse_backends_in_float32_are_as_accurate_as_the_oracle(dense_models, model_name, ratio):
+    """float32: every output and gradient is within 1e-4 (relative to its max) of the float64 oracle, or at most
+    3x the float32 oracle's own error where rounding dominates (deep train-mode BN stacks: ResNet-50's stem
+    gradient is a sum of large cancelling terms, and the float32 oracle itself is ~1e-2 off there)."""
+    images, mask = _inputs(batch=2, ratio=ratio)
+    exact = _run(dense_models[model_name], "masked", images, mask, torch.float64)
+    oracle32 = _run(dense_models[model_name], "masked", images, mask, torch.float32)
+    for backend in SPARSE_BACKENDS:
+        features, grads, _ = _run(dense_models[model_name], backend, images, mask, torch.float32)
+        pairs = [(f"scale{i}", features[i], oracle32[0][i], exact[0][i]) for i in range(4)]
+        pairs += [(name, grads[name], oracle32[1][name], exact[1][name]) for name in grads]
+        for name, actual, oracle_value, truth in pairs:
+            allowed = max(TOLERANCE, 3 * relative_error(oracle_value.double(), truth))
+            assert relative_error(actual.double(), truth) <= allowed, (backend, name)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("model_name", ["resnet50", "convnextv2_atto"])
+def test_all_visible_eval_equals_dense_model(dense_models, model_name, backend):
+    dense = dense_models[model_name].eval()
+    images, _ = _inputs(batch=2, ratio=0.0, size=(128, 160))
+    with torch.no_grad():
+        features = SparseEncoder.from_dense(dense, backend=backend).eval()(images, None)
+        if model_name.startswith("resnet"):
+            x = dense.maxpool(dense.relu(dense.bn1(dense.conv1(images))))
+            reference = []
+            for layer in (dense.layer1, dense.layer2, dense.layer3, dense.layer4):
+                x = layer(x)
+                reference.append(x)
+        else:
+            reference = dense.forward_intermediates(images, intermediates_only=True)
+    for actual, expected in zip(features, reference):
+        assert actual.shape == expected.shape
+        assert relative_error(actual, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "make_fresh,make_trained",
+    [
+        (lambda: torchvision.models.resnet50(), lambda: torchvision.models.resnet50()),
+        (lambda: timm.create_model("convnext_tiny"), lambda: timm.create_model("convnext_tiny", drop_path_rate=0.1)),
+    ],
+    ids=["torchvision-resnet50", "timm-convnext_tiny"],
+)
+def test_to_dense_after_training_step_loads_strict_and_matches(make_fresh, make_trained):
+    source = make_trained()
+    encoder = SparseEncoder.from_dense(source, backend="minkowski").train()
+    # dense -> sparse -> dense is bit-exact before any training
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in encoder.to_dense().state_dict().items())
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    images, mask = _inputs(batch=2, ratio=0.6, size=(64, 64))
+    sum(f.square().mean() for f in encoder(images, mask)).backward()
+    optimizer.step()
+
+    exported = encoder.to_dense().eval()
+    fresh = make_fresh()
+    fresh.load_state_dict(exported.state_dict(), strict=True)
+    fresh.eval()
+    assert not torch.equal(fresh.state_dict()[next(iter(encoder.state_dict()))],
+                           source.state_dict()[next(iter(encoder.state_dict()))])  # the step changed weights
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    with torch.no_grad():
+        assert torch.equal(fresh(images), exported(images))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("model_name", ["resnet18", "convnextv2_atto"])
+def test_outputs_of_a_sample_do_not_depend_on_the_rest_of_the_batch(dense_models, model_name, backend):
+    encoder = SparseEncoder.from_dense(dense_models[model_name], backend=backend).eval()
+    images, mask = _inputs(batch=3, ratio=0.6, size=(96, 128))
+    with torch.no_grad():
+        alone = encoder(images[:1], mask[:1])
+        batched = encoder(images, mask)
+    for single, full in zip(alone, batched):
+        assert relative_error(full[:1], single) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_drop_path_keeps_or_drops_whole_samples(backend):
+    images, mask = _inputs(batch=8, ratio=0.6, size=(64, 64))
+    sparse = sparse_from_images(torch.ones_like(images), mask, backend)
+    drop = timm.layers.DropPath(0.5).train()
+    out = ops.drop_path(sparse, drop).to_dense()
+    visible = sparse.dense_mask()[:, None].expand_as(out)
+    values = [set(out[b][visible[b]].unique().tolist()) for b in range(8)]
+    assert all(v in ({0.0}, {2.0}) for v in values), values
+    assert {0.0} in values and {2.0} in values  # with p=0.5 and 8 samples, both outcomes (seeded)
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(ValueError, match="unknown sparse backend 'spconv'; choose one of minkowski, torch, masked"):
+        SparseEncoder.from_dense(torchvision.models.resnet18(), backend="spconv")
+
+
+def test_unsupported_backbone_and_layer_are_named():
+    with pytest.raises(TypeError, match="unsupported backbone torchvision.models.vgg.VGG"):
+        SparseEncoder.from_dense(torchvision.models.vgg11())
+    with pytest.raises(TypeError, match=r"cannot make 'layer2.0.downsample.0' sparse: layer type .*AvgPool2d"):
+        SparseEncoder.from_dense(timm.create_model("resnet18d"))
+
+
+def test_feature_info_and_available_backends():
+    encoder = SparseEncoder.from_dense(torchvision.models.resnet50(), backend="torch")
+    assert [(f["num_chs"], f["reduction"]) for f in encoder.feature_info] == [(256, 4), (512, 8), (1024, 16),
+                                                                              (2048, 32)]
+    status = available_backends()
+    assert status == {"minkowski": "available", "torch": "available", "masked": "available"}
+
+
+def test_encoder_does_not_alias_the_dense_model():
+    dense = torchvision.models.resnet18()
+    encoder = SparseEncoder.from_dense(dense, backend="torch")
+    before = copy.deepcopy(dense.state_dict())
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
