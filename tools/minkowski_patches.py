@@ -82,7 +82,8 @@ CUDA_PATCHES: list[Patch] = [
     ),
     (
         "src/coordinate_map_functors.cuh",
-        "    : public thrust::unary_function<uint32_t,\n                                    thrust::pair<uint32_t, uint32_t>> {\n",
+        "    : public thrust::unary_function<uint32_t,\n"
+        "                                    thrust::pair<uint32_t, uint32_t>> {\n",
         " {\n  using argument_type = uint32_t;\n  using result_type = thrust::pair<uint32_t, uint32_t>;\n",
         "thrust::unary_function was removed in CCCL 3 (CUDA 13)",
     ),

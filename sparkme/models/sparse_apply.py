@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import timm.layers
-from timm.layers.grn import GlobalResponseNorm
 import timm.models.convnext as timm_convnext
 import timm.models.resnet as timm_resnet
 import torchvision.models.resnet as tv_resnet
+from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
 from sparkme.sparse import ops
@@ -63,6 +63,10 @@ def _sequential(x: SparseMap, module: nn.Sequential) -> SparseMap:
     return x
 
 
+def _mlp(x: SparseMap, mlp: nn.Module) -> SparseMap:
+    return _chain(mlp, MLPS[type(mlp)], x)
+
+
 def _residual(x: SparseMap, block: nn.Module) -> SparseMap:
     main, final = RESIDUAL_BLOCKS[type(block)]
     out = _chain(block, main, x)
@@ -106,7 +110,7 @@ _HANDLERS: dict[type, Callable[[SparseMap, nn.Module], SparseMap]] = {
     timm_convnext.ConvNeXtBlock: _convnext_block,
     timm_convnext.ConvNeXtStage: _convnext_stage,
     **{block: _residual for block in RESIDUAL_BLOCKS},
-    **{mlp: (lambda names: lambda x, module: _chain(module, names, x))(names) for mlp, names in MLPS.items()},
+    **{mlp: _mlp for mlp in MLPS},
     **{act: ops.pointwise for act in ACTIVATIONS},
 }
 

@@ -1,0 +1,46 @@
+"""sparkme: SparK masked-image-modeling pretraining for ConvNets with true sparse convolution.
+
+MinkowskiEngine has no installable wheel on PyPI: ``python tools/install_minkowski.py`` builds, caches and installs
+it for the torch in the current environment (the README's commands run it for you).
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="sparkme",
+    version="0.1.0",
+    description="SparK pretraining for ConvNets with true sparse convolution (MinkowskiEngine, pure-torch, masked)",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sparkme", "sparkme.*"]),
+    include_package_data=True,
+    package_data={"sparkme": ["conf/**/*.yaml"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=1.0.9",
+        "numpy>=1.24",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "wandb>=0.17",
+        "scikit-image>=0.22",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "slurm": ["hydra-submitit-launcher>=1.2"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "hydra-submitit-launcher>=1.2"],
+    },
+    entry_points={
+        "console_scripts": [
+            "sparkme-pretrain=sparkme.cli:main",
+            "sparkme-export=sparkme.export:main",
+        ]
+    },
+)

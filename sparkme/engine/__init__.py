@@ -1,0 +1,1 @@
+"""Training machinery: the pretraining loop, checkpoints, schedules, logging, distributed set-up."""
