@@ -45,9 +45,12 @@ def _mask_generator(seed: int, step: int, micro: int, rank: int, device: torch.d
 
 def _loader(dataset, cfg: DictConfig, epoch: int, start: int, rank: int, world: int) -> DataLoader:
     sampler = ResumableSampler(len(dataset.dataset), cfg.seed, epoch, rank, world, start)
+    # An explicit generator: otherwise creating the iterator draws from the global RNG, and a resumed run (which
+    # creates it at another step) would see different drop-path samples than an uninterrupted one.
     return DataLoader(dataset, batch_size=cfg.trainer.batch_size, sampler=sampler, drop_last=True,
                       num_workers=cfg.data.num_workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
 
 
 @torch.no_grad()
@@ -67,6 +70,15 @@ def _fixed_batch(cfg: DictConfig, model, device, count: int) -> tuple[torch.Tens
     dataset = SeededItems(instantiate(node, transform=pretrain_transform(cfg.image_size)), seed=cfg.seed + 1)
     images = torch.stack([dataset[(0, i % len(dataset.dataset))] for i in range(count)]).to(device)
     return images, model.sample_mask(images, _mask_generator(cfg.seed + 1, 0, 0, 0, device))
+
+
+def _same_weights_on_all_ranks(model: torch.nn.Module) -> bool:
+    """DDP sanity check: every rank ends with bit-identical parameters and buffers."""
+    flat = torch.cat([t.detach().double().flatten().cpu() for t in model.state_dict().values()
+                      if t.is_floating_point()])
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, flat)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -109,7 +121,8 @@ def _pretrain(cfg: DictConfig, dist_info) -> dict:
     total_steps = int(cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch)
     global_batch = batch * world * accum
     lr = cfg.optim.base_lr * global_batch / 256
-    make_optimizer = instantiate(cfg.optim.optimizer)  # a partial: parameters and scaled lr are given here
+    # A partial (parameters and scaled lr are given here); plain containers keep checkpoints pickle-free.
+    make_optimizer = instantiate(cfg.optim.optimizer, _convert_="all")
     optimizer = make_optimizer(param_groups_weight_decay(model, cfg.sched.wd_start,
                                                          no_weight_decay_list=("mask_token",)), lr=lr)
     schedule = SparkSchedule(optimizer, total_steps, int(cfg.sched.warmup_epochs * steps_per_epoch),
@@ -219,6 +232,8 @@ def _pretrain(cfg: DictConfig, dist_info) -> dict:
                     logger.log_image("reconstruction", path, step=done, caption="original | masked | reconstruction")
             if cfg.trainer.ckpt_every and done % cfg.trainer.ckpt_every == 0 and done != total_steps:
                 checkpoint(done)
+            if cfg.trainer.stop_at_step and done == cfg.trainer.stop_at_step and done != total_steps:
+                stop.signal_name = "trainer.stop_at_step"
             if stop.signal_name is not None:
                 path = checkpoint(done)
                 if dist_info.is_main:
@@ -233,6 +248,8 @@ def _pretrain(cfg: DictConfig, dist_info) -> dict:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     summary.update(step=final_step, first_losses=losses[:10], last_losses=losses[-10:])
+    if world > 1:
+        summary["weights_identical_across_ranks"] = _same_weights_on_all_ranks(core)
     if dist_info.is_main:
         summary["holdout_loss_final"] = evaluate_loss(core, fixed_images, fixed_masks, batch)
         logger.log({"holdout_loss": summary["holdout_loss_final"]}, step=final_step)

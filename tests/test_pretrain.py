@@ -1,0 +1,160 @@
+"""The SparK model and the pretraining CLI end to end (tiny configs on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
+from PIL import Image
+
+from conftest import ALL_BACKENDS, relative_error
+from sparkme.cli import CONFIG_DIR
+from sparkme.engine.checkpoint import load_checkpoint
+from sparkme.engine.pretrain import pretrain
+from sparkme.export import export_state_dict
+from sparkme.masking import random_mask
+from sparkme.models import build_spark
+
+REPO = Path(__file__).resolve().parent.parent
+GROUPS = ["model", "backend", "data", "optim", "sched", "logger", "trainer", "experiment", "debug"]
+
+
+def _compose(overrides: list[str], run_dir: Path | None = None):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_config_group_composes_and_instantiates(group, tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if group == "experiment" or (group, option) == ("data", "imagefolder"):
+            overrides.append(f"data.root={tmp_path}")
+        cfg = _compose(overrides)
+        if group in ("model", "experiment"):
+            with open_dict(cfg):
+                cfg.model.decoder_width = 32
+            model = instantiate(cfg.model)
+            assert model.encoder.backend == cfg.backend.name
+        elif group == "data":
+            dataset = instantiate(cfg.data.dataset, transform=lambda image: image)
+            assert len(dataset) >= 1
+        elif group == "optim":
+            optimizer = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+            assert isinstance(optimizer, torch.optim.Optimizer)
+        assert cfg.name
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_three_step_run_writes_everything(backend, tmp_path):
+    cfg = _compose([f"backend={backend}", "debug=fast", "logger.wandb_mode=offline"], tmp_path)
+    summary = pretrain(cfg)
+    assert summary["step"] == 3 and len(summary["first_losses"]) == 3
+    assert all(torch.isfinite(torch.tensor(summary["first_losses"])))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert {"loss", "lr", "wd", "grad_norm", "img_per_s"} <= set(records[1])
+    assert (tmp_path / "reconstructions" / "step_0000003.png").stat().st_size > 0
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert state["step"] == 3
+    exported = torch.load(summary["export_timm"], weights_only=True)
+    timm.create_model("resnet18", num_classes=0).load_state_dict(exported, strict=True)
+
+
+def test_same_seed_and_mask_give_the_same_loss_on_every_backend():
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    mask = random_mask(2, 2, 3, 0.6, generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for backend in ALL_BACKENDS:
+        torch.manual_seed(0)
+        losses[backend] = build_spark("convnextv2_atto", backend, decoder_width=64)(images, mask)
+    for backend in ALL_BACKENDS:
+        assert relative_error(losses[backend], losses["masked"]) <= 1e-4, losses
+
+
+def test_loss_equals_an_independent_spark_loss_computation():
+    torch.manual_seed(0)
+    model = build_spark("resnet18", "torch", decoder_width=32)
+    images = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[[True, False], [False, False]], [[False, True], [True, False]]])
+    loss = model(images, mask)
+    reconstruction = model.reconstruct_normalised(images, mask).detach()
+    total, count = 0.0, 0
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                if mask[b, i, j]:
+                    continue
+                patch = images[b, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32].double()
+                target = (patch - patch.mean()) / (patch.var(unbiased=True) + 1e-6).sqrt()
+                predicted = reconstruction[b, :, 32 * i:32 * i + 32, 32 * j:32 * j + 32].double()
+                total += ((predicted - target) ** 2).mean().item()
+                count += 1
+    assert abs(loss.item() - total / count) <= 1e-5 * abs(total / count)
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "latest.pt")["model"]
+
+
+def test_resume_auto_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    common = ["debug=fast", "backend=torch", "trainer.max_steps=6", "trainer.deterministic=true",
+              "model=convnext_atto", "model.drop_path_rate=0.1"]
+    pretrain(_compose(common, tmp_path / "straight"))
+    first = pretrain(_compose(common + ["trainer.stop_at_step=3"], tmp_path / "split"))
+    assert first["stopped_by"] == "trainer.stop_at_step" and first["step"] == 3
+    second = pretrain(_compose(common + ["resume=auto"], tmp_path / "split"))
+    assert second["start_step"] == 3 and second["step"] == 6
+    straight, split = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+
+
+def test_two_process_torchrun_ends_with_identical_weights(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+               "-m", "sparkme.cli", "debug=fast", "backend=minkowski", f"run_dir={tmp_path}", "trainer.device=cpu"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    assert summary["weights_identical_across_ranks"] is True
+    assert summary["step"] == 3
+
+
+def test_export_loads_strict_into_torchvision_resnet50_and_timm_convnext_tiny():
+    resnet = build_spark("resnet50", "torch", decoder_width=32).encoder
+    torchvision.models.resnet50().load_state_dict(export_state_dict(resnet, "resnet50", "torchvision"), strict=True)
+    convnext = build_spark("convnext_tiny", "torch", decoder_width=32).encoder
+    state = export_state_dict(convnext, "convnext_tiny", "timm")
+    timm.create_model("convnext_tiny", num_classes=0).load_state_dict(state, strict=True)
+    with pytest.raises(ValueError, match="format=torchvision supports"):
+        export_state_dict(convnext, "convnext_tiny", "torchvision")
+
+
+def test_export_cli_from_a_checkpoint(tmp_path):
+    pretrain(_compose(["debug=fast", "backend=torch"], tmp_path))
+    out = tmp_path / "resnet18_tv.pt"
+    result = subprocess.run([sys.executable, "-m", "sparkme.export", f"ckpt={tmp_path}/checkpoints/latest.pt",
+                             "format=torchvision", f"out={out}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True), strict=True)
