@@ -102,9 +102,23 @@ def pretrain(cfg: DictConfig) -> dict:
         cleanup_distributed()
 
 
+def _check_writable(run_dir: Path) -> None:
+    """Fail at start-up, not at the first checkpoint hours later, when the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"run_dir {str(run_dir)!r} is not writable ({error.strerror}); choose another with "
+                      "run_dir=... or hydra.run.dir=...") from error
+
+
 def _pretrain(cfg: DictConfig, dist_info) -> dict:
     device, rank, world = dist_info.device, dist_info.rank, dist_info.world_size
     run_dir = Path(cfg.run_dir)
+    if dist_info.is_main:
+        _check_writable(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,208 @@
+"""Bad input gets one clear error; faults lose nothing."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sparkme.data import ImageFolderDataset
+from sparkme.engine.checkpoint import check_compatible, load_checkpoint, save_atomic
+from sparkme.models import build_spark, create_backbone
+from sparkme.sparse import get_backend
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "sparkme.cli", "debug=fast", "backend=torch", f"run_dir={run_dir}", *overrides]
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+def test_unknown_model_lists_what_is_supported():
+    with pytest.raises(ValueError, match="unknown model 'vgg16': sparkme supports ResNets"):
+        create_backbone("vgg16")
+    with pytest.raises(ValueError, match="unknown model 'convnext_gigantic': timm has no such model"):
+        create_backbone("convnext_gigantic")
+
+
+def test_unknown_backend_and_missing_library_messages(monkeypatch):
+    with pytest.raises(ValueError, match="choose one of minkowski, torch, masked"):
+        get_backend("spconv")
+    monkeypatch.setitem(sys.modules, "MinkowskiEngine", None)  # simulate a machine without MinkowskiEngine
+    monkeypatch.delitem(sys.modules, "sparkme.sparse.minkowski_backend", raising=False)
+    with pytest.raises(ImportError, match="tools/install_minkowski.py"):
+        get_backend("minkowski")
+
+
+def test_cli_errors_name_the_bad_value(tmp_path):
+    cases = {
+        ("mask_ratio=1.0",): "mask ratio must be in [0, 1)",
+        ("image_size=100",): "image size 100x100 is not supported",
+        ("trainer.batch_size=0",): "trainer.batch_size must be >= 1, got 0",
+        ("optim=sgdx",): "Available options in 'optim'",
+        ("data=imagefolder", f"data.root={tmp_path}/missing"): "does not exist or is not a directory",
+    }
+    for overrides, message in cases.items():
+        result = subprocess.run(_cli(tmp_path / "run", *overrides), cwd=REPO, capture_output=True, text=True)
+        assert result.returncode != 0
+        assert message in result.stderr + result.stdout, (overrides, result.stderr[-2000:])
+
+
+def test_image_folder_converts_modes_skips_bad_files_and_aborts_past_the_limit(tmp_path, caplog):
+    Image.new("L", (20, 20), 7).save(tmp_path / "gray.png")
+    Image.new("RGBA", (20, 20)).save(tmp_path / "alpha.png")
+    Image.new("I;16", (20, 20), 40000).save(tmp_path / "deep.png")
+    (tmp_path / "cls").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cls" / "small.jpg")  # smaller than any crop: resized by the crop
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    dataset = ImageFolderDataset(str(tmp_path), transform=lambda image: image, max_bad_fraction=0.5)
+    images = [dataset[i] for i in range(len(dataset))]
+    assert len(images) == 5 and all(image.mode == "RGB" for image in images)
+    assert dataset.bad == {dataset.files.index(tmp_path / "broken.jpg")}  # replaced by the next readable image
+    assert sum("skipping unreadable image" in r.message for r in caplog.records) == 1
+    strict = ImageFolderDataset(str(tmp_path), transform=lambda image: image, max_bad_fraction=0.0)
+    with pytest.raises(RuntimeError, match="1 of 5 files .* could not be read, more than data.max_bad_fraction=0.0"):
+        strict[strict.files.index(tmp_path / "broken.jpg")]
+
+
+def test_empty_folder_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no image files"):
+        ImageFolderDataset(str(tmp_path), transform=None)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+def test_checkpoint_of_another_model_names_the_mismatch():
+    resnet = build_spark("resnet18", "torch", decoder_width=32).state_dict()
+    convnext = build_spark("convnext_atto", "torch", decoder_width=32).state_dict()
+    with pytest.raises(ValueError, match=r"does not fit this model .*missing keys \['encoder.stem"):
+        check_compatible(resnet, convnext, "other.pt")
+    wider = build_spark("resnet18", "torch", decoder_width=64).state_dict()
+    expected = r"shape mismatches \['decoder.blocks.0.up.weight: checkpoint \(32, 32, 4, 4\) vs model \(64, 64, 4, 4\)"
+    with pytest.raises(ValueError, match=expected):
+        check_compatible(resnet, wider, "wider.pt")
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    good = save_atomic({"model": {"w": torch.ones(1000)}}, tmp_path / "good.pt")
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:300])
+    (tmp_path / "text.pt").write_text("hello")
+    for name in ("truncated.pt", "text.pt"):
+        with pytest.raises(ValueError, match="is not a loadable sparkme checkpoint"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_with_code_is_refused_by_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as file:
+        pickle.dump({"model": _Exploit()}, file)
+    with pytest.raises(ValueError, match="weights_only=True refuses"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_unwritable_output_gives_a_clear_error_and_no_partial_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="cannot create checkpoint folder"):
+        save_atomic({"model": {}}, blocker / "sub" / "latest.pt")
+    result = subprocess.run(_cli(blocker / "run"), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "is not writable" in result.stderr
+
+
+def test_failed_write_leaves_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = save_atomic({"model": {"w": torch.zeros(3)}}, tmp_path / "latest.pt")
+
+    def disk_full(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="could not write checkpoint .*No space left on device"):
+        save_atomic({"model": {"w": torch.ones(3)}}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt"]
+
+
+def test_kill_9_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    script = f"""
+import os, signal, torch
+from sparkme.engine.checkpoint import save_atomic
+save_atomic({{"model": {{"w": torch.zeros(3)}}}}, {str(tmp_path / 'latest.pt')!r})
+real_save = torch.save
+def dying_save(obj, file, *a, **k):
+    file.write(b"half a checkpoint")
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+save_atomic({{"model": {{"w": torch.ones(3)}}}}, {str(tmp_path / 'latest.pt')!r})
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO)
+    assert result.returncode == -signal.SIGKILL
+    assert torch.equal(load_checkpoint(tmp_path / "latest.pt")["model"]["w"], torch.zeros(3))
+
+
+# --- faults during training ----------------------------------------------------------------------------------------
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_with_resume_hint(tmp_path):
+    process = subprocess.Popen(_cli(tmp_path, "trainer.max_steps=500", "trainer.ckpt_every=0"), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "metrics.jsonl", process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stderr and "resume=auto" in stderr
+    state = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert 1 <= state["step"] < 500
+
+
+def test_kill_9_during_training_then_resume_auto_is_bitwise_identical(tmp_path):
+    common = ["trainer.max_steps=8", "trainer.deterministic=true", "trainer.ckpt_every=1", "trainer.vis_every=0"]
+    subprocess.run(_cli(tmp_path / "straight", *common), cwd=REPO, check=True, capture_output=True)
+    victim = tmp_path / "killed"
+    process = subprocess.Popen(_cli(victim, *common), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(victim / "checkpoints" / "latest.pt", process)
+    time.sleep(float(torch.rand(1)) * 2.0)  # a random moment, possibly in the middle of writing a checkpoint
+    process.kill()
+    process.wait()
+    subprocess.run(_cli(victim, *common, "resume=auto"), cwd=REPO, check=True, capture_output=True)
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    resumed = load_checkpoint(victim / "checkpoints" / "latest.pt")
+    assert resumed["step"] == straight["step"] == 8
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    result = subprocess.run(_cli(tmp_path, "optim.base_lr=1e12", "optim=adamw", "trainer.max_steps=30",
+                                 "trainer.ckpt_every=1", "trainer.clip_grad=null"),
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "non-finite loss" in result.stderr and "at step" in result.stderr
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] >= 1
+    skipped = subprocess.run(_cli(tmp_path / "skip", "optim.base_lr=1e12", "optim=adamw", "trainer.max_steps=6",
+                                  "trainer.clip_grad=null", "trainer.skip_nonfinite=true"),
+                             cwd=REPO, capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
