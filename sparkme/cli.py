@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import hydra
@@ -20,7 +21,8 @@ def main(cfg: DictConfig) -> None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
     summary = pretrain(cfg)
-    print(json.dumps(summary, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def _fixed_batch(cfg: DictConfig, model, device, count: int) -> tuple[torch.Tens
 
 
 def _same_weights_on_all_ranks(model: torch.nn.Module) -> bool:
-    """DDP sanity check: every rank ends with bit-identical parameters and buffers."""
-    flat = torch.cat([t.detach().double().flatten().cpu() for t in model.state_dict().values()
-                      if t.is_floating_point()])
+    """DDP sanity check: every rank ends with bit-identical parameters. (BatchNorm running statistics are
+    per-rank buffers, re-broadcast from rank 0 at each forward, so they are not compared.)"""
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, flat)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
