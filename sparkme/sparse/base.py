@@ -107,10 +107,45 @@ def conv_taps(conv: torch.nn.Conv2d) -> tuple[int, int, int]:
     return kh, sh, padding[0]
 
 
+class _SubmanifoldDepthwise(torch.autograd.Function):
+    """Stride-1 depthwise conv on visible rows, one tap at a time: memory O(N*C) instead of the O(N*K*C)
+    im2col buffer (a 7x7 ConvNeXt conv would otherwise store 49 gathered copies of its input for backward).
+
+    With equal input and output sites, input i sees output j at offset +d exactly when j sees i at -d, so the
+    input gradient is the same op on ``grad_out`` with the kernel mirrored: a gather, never a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features, taps, weight)
+        return _depthwise_taps(features, taps, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        features, taps, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_features = _depthwise_taps(grad_out, taps, weight.flip(0)) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])
+        return grad_features, None, grad_weight
+
+
+def _depthwise_taps(features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum_k features[taps[k]] * weight[k]``: ``(N, C)``, ``(K, N)`` (N = missing), ``(K, C)`` -> ``(N, C)``."""
+    padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    out = torch.zeros_like(features)
+    for tap, tap_weight in zip(taps, weight):
+        out.addcmul_(padded[tap], tap_weight)
+    return out
+
+
 def gather_conv(
-    features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int
+    features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+    same_sites: bool,
 ) -> torch.Tensor:
-    """Sparse k x k convolution as one gather and one GEMM (or a vectorised depthwise product).
+    """Sparse k x k convolution as one gather and one GEMM, or a tap-by-tap depthwise product.
 
     Args:
         features: ``(N_in, C_in)`` input rows.
@@ -118,18 +153,23 @@ def gather_conv(
         weight: dense ``(C_out, C_in/groups, k, k)`` with ``K = k*k`` taps ordered ``ky*k + kx``.
         bias: ``(C_out,)`` or None.
         groups: 1 (dense) or ``C_in == C_out`` (depthwise).
+        same_sites: output sites are the input sites (a stride-1, submanifold conv).
 
     Returns:
         ``(N_out, C_out)``.
     """
     c_out, c_in_per_group, k, _ = weight.shape
-    padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
-    columns = padded[neighbours]  # (N_out, K, C_in)
     if groups == 1:
-        out = columns.reshape(neighbours.shape[0], -1) @ weight.permute(2, 3, 1, 0).reshape(k * k * c_in_per_group,
-                                                                                           c_out)
+        padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+        columns = padded[neighbours].reshape(neighbours.shape[0], -1)  # (N_out, K * C_in)
+        out = columns @ weight.permute(2, 3, 1, 0).reshape(k * k * c_in_per_group, c_out)
     elif groups == c_out == features.shape[1] and c_in_per_group == 1:
-        out = torch.einsum("nkc,kc->nc", columns, weight.reshape(c_out, k * k).t())
+        tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
+        if same_sites:
+            out = _SubmanifoldDepthwise.apply(features.contiguous(), neighbours.t().contiguous(), tap_weight)
+        else:
+            padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+            out = torch.einsum("nkc,kc->nc", padded[neighbours], tap_weight)
     else:
         raise ValueError(f"unsupported groups={groups} for {c_out} output channels: use 1 or depthwise")
     return out if bias is None else out + bias

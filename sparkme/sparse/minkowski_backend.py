@@ -121,11 +121,30 @@ class MinkowskiMap(SparseMap):
 
     def _depthwise(self, conv: torch.nn.Conv2d, kernel: int, stride: int) -> MinkowskiMap:
         manager, in_key = self.tensor.coordinate_manager, self.tensor.coordinate_map_key
-        out_key = manager.stride(in_key, [stride] * DIMENSION) if stride > 1 else in_key
-        table = self.context.cached(("me_nbr", str(in_key), str(out_key), kernel), lambda: self._neighbours(
-            in_key, out_key, kernel, stride))
-        out = gather_conv(self.tensor.F, table, conv.weight, conv.bias, conv.groups)
-        return self._wrap(out, out_key, stride)
+        if stride > 1:
+            out_key = manager.stride(in_key, [stride] * DIMENSION)
+            table = self.context.cached(("me_nbr", str(in_key), str(out_key), kernel),
+                                        lambda: self._neighbours(in_key, out_key, kernel, stride))
+            out = gather_conv(self.tensor.F, table, conv.weight, conv.bias, conv.groups, same_sites=False)
+            return self._wrap(out, out_key, stride)
+        # MinkowskiEngine stores rows in hash order; 49 random-access gathers per layer are cache-hostile, so the
+        # rows are put in (batch, y, x) order once (one gather in, one out) and the taps then read nearby rows.
+        order, inverse, table = self.context.cached(("me_dw", str(in_key), kernel),
+                                                    lambda: self._sorted_neighbours(in_key, kernel))
+        out = gather_conv(self.tensor.F[order], table, conv.weight, conv.bias, conv.groups, same_sites=True)
+        return self.with_features(out[inverse])
+
+    def _sorted_neighbours(self, key, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row order sorting the sites by (batch, y, x), its inverse, and the stride-1 table in that order."""
+        coords = self.tensor.C.long()
+        height, width = self.context.image_size
+        order = ((coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]).argsort()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        table = self._neighbours(key, key, kernel, 1)[order]
+        missing = table == order.numel()
+        table = torch.where(missing, table, inverse[table.clamp(max=order.numel() - 1)])
+        return order, inverse, table
 
     def _neighbours(self, in_key, out_key, kernel: int, stride: int) -> torch.Tensor:
         """``(N_out, k*k)`` rows read per tap (``ky*k + kx`` order), ``N_in`` where missing, from ME's kernel map."""

@@ -51,7 +51,7 @@ class TorchSparseMap(SparseMap):
         if kernel == 1 and stride == 1:
             return self.with_features(linear_conv1x1(self._features, conv))
         table = self.context.neighbours(self.stride, kernel, stride, padding)
-        out = gather_conv(self._features, table, conv.weight, conv.bias, conv.groups)
+        out = gather_conv(self._features, table, conv.weight, conv.bias, conv.groups, same_sites=stride == 1)
         return TorchSparseMap(self.context, self.stride * stride, out)
 
     def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
