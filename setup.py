@@ -41,6 +41,7 @@ setup(
         "console_scripts": [
             "sparkme-pretrain=sparkme.cli:main",
             "sparkme-export=sparkme.export:main",
+            "sparkme-bench=sparkme.bench:main",
         ]
     },
 )

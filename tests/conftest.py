@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from sparkme.sparse import BACKEND_NAMES, available_backends
 
 
+# tools/gpu_check.sh sets SPARKME_TEST_DEVICE=cuda to run the equivalence tests on a GPU.
+DEVICE = torch.device(os.environ.get("SPARKME_TEST_DEVICE", "cpu"))
+
+
 def pytest_report_header(config):
-    return [f"sparse backends: {available_backends()}"]
+    return [f"sparse backends: {available_backends()}", f"test device: {DEVICE}"]
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 
-from conftest import ALL_BACKENDS, SPARSE_BACKENDS, relative_error
+from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
 from sparkme import SparseEncoder, available_backends, random_mask
 from sparkme.masking import mask_at_stride
 from sparkme.sparse import ops, sparse_from_images
@@ -39,13 +39,13 @@ def _inputs(batch, ratio, size=(224, 224), seed=0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, *size, generator=generator)
     mask = random_mask(batch, size[0] // 32, size[1] // 32, ratio, generator=generator)
-    return images, mask
+    return images.to(DEVICE), mask.to(DEVICE)
 
 
 def _forward_backward(encoder, images, mask):
     features = encoder(images, mask)
     generator = torch.Generator().manual_seed(2)
-    projections = [torch.randn(f.shape, generator=generator, dtype=f.dtype) for f in features]
+    projections = [torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device) for f in features]
     sum((f * p).sum() for f, p in zip(features, projections)).backward()
     return features, {name: p.grad.clone() for name, p in encoder.named_parameters()}
 
@@ -56,7 +56,7 @@ def dense_models():
 
 
 def _run(dense, backend, images, mask, dtype):
-    encoder = SparseEncoder.from_dense(copy.deepcopy(dense).to(dtype), backend=backend).train()
+    encoder = SparseEncoder.from_dense(copy.deepcopy(dense).to(DEVICE, dtype), backend=backend).train()
     features, grads = _forward_backward(encoder, images.to(dtype), mask)
     buffers = {k: v for k, v in encoder.named_buffers() if v.is_floating_point()}
     return features, grads, buffers
@@ -102,7 +102,7 @@ def test_sparse_backends_in_float32_are_as_accurate_as_the_oracle(dense_models, 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("model_name", ["resnet50", "convnextv2_atto"])
 def test_all_visible_eval_equals_dense_model(dense_models, model_name, backend):
-    dense = dense_models[model_name].eval()
+    dense = copy.deepcopy(dense_models[model_name]).to(DEVICE).eval()
     images, _ = _inputs(batch=2, ratio=0.0, size=(128, 160))
     with torch.no_grad():
         features = SparseEncoder.from_dense(dense, backend=backend).eval()(images, None)
@@ -152,7 +152,7 @@ def test_to_dense_after_training_step_loads_strict_and_matches(make_fresh, make_
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("model_name", ["resnet18", "convnextv2_atto"])
 def test_outputs_of_a_sample_do_not_depend_on_the_rest_of_the_batch(dense_models, model_name, backend):
-    encoder = SparseEncoder.from_dense(dense_models[model_name], backend=backend).eval()
+    encoder = SparseEncoder.from_dense(dense_models[model_name], backend=backend).to(DEVICE).eval()
     images, mask = _inputs(batch=3, ratio=0.6, size=(96, 128))
     with torch.no_grad():
         alone = encoder(images[:1], mask[:1])

@@ -206,3 +206,19 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
                                   "trainer.clip_grad=null", "trainer.skip_nonfinite=true"),
                              cwd=REPO, capture_output=True, text=True)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
+
+
+def test_a_failing_torchrun_rank_stops_the_others_without_hanging(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               "-m", "sparkme.cli", "debug=fast", "backend=torch", f"run_dir={tmp_path}", "trainer.max_steps=5000",
+               "trainer.device=cpu"]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _wait_for(tmp_path / "metrics.jsonl", launcher)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies abruptly
+    _, stderr = launcher.communicate(timeout=180)  # no hang: torchrun tears the other rank down
+    assert launcher.returncode != 0
+    assert "ChildFailedError" in stderr or "exitcode  : -9" in stderr, stderr[-3000:]
+    assert all(subprocess.run(["kill", "-0", w], capture_output=True).returncode != 0 for w in workers)

@@ -132,6 +132,52 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
         return grad_features, None, grad_weight
 
 
+class _GatherGemmConv(torch.autograd.Function):
+    """k x k conv as gather (im2col on visible rows) + one GEMM, saving only the input rows for backward: the
+    ``(N_out, K*C_in)`` columns are rebuilt in backward instead of being kept alive (they are ~K times the input).
+
+    For a stride-1 (same sites) conv the input gradient is again a gather + GEMM with the kernel mirrored and
+    transposed; only strided convs need a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, features, table, weight, same_sites: bool):
+        ctx.same_sites = same_sites
+        ctx.save_for_backward(features, table, weight)
+        return _gather_rows(features, table) @ _gemm_weight(weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        features, table, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        c_out, c_in, k, _ = weight.shape
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = (_gather_rows(features, table).t() @ grad_out).reshape(k, k, c_in, c_out)
+            grad_weight = grad_weight.permute(3, 2, 0, 1)
+        if ctx.needs_input_grad[0]:
+            if ctx.same_sites:
+                mirrored = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, k, k)
+                grad_features = _gather_rows(grad_out, table) @ _gemm_weight(mirrored)
+            else:
+                grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)
+                padded = features.new_zeros(features.shape[0] + 1, c_in)
+                grad_features = padded.index_add_(0, table.reshape(-1), grad_columns)[:-1]
+        return grad_features, None, grad_weight, None
+
+
+def _gather_rows(features: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``(N_in, C)`` rows through a ``(N_out, K)`` table (``N_in`` = zeros) -> ``(N_out, K*C)`` columns."""
+    padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    return padded[table].reshape(table.shape[0], -1)
+
+
+def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Dense ``(C_out, C_in, k, k)`` -> ``(k*k*C_in, C_out)`` matching ``_gather_rows``' tap-major columns."""
+    c_out, c_in, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+
+
 def _depthwise_taps(features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``sum_k features[taps[k]] * weight[k]``: ``(N, C)``, ``(K, N)`` (N = missing), ``(K, C)`` -> ``(N, C)``."""
     padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
@@ -145,7 +191,8 @@ def gather_conv(
     features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
     same_sites: bool,
 ) -> torch.Tensor:
-    """Sparse k x k convolution as one gather and one GEMM, or a tap-by-tap depthwise product.
+    """Sparse k x k convolution as one gather and one GEMM, or a tap-by-tap depthwise product (custom autograd
+    functions above keep only the input rows for backward).
 
     Args:
         features: ``(N_in, C_in)`` input rows.
@@ -160,9 +207,7 @@ def gather_conv(
     """
     c_out, c_in_per_group, k, _ = weight.shape
     if groups == 1:
-        padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
-        columns = padded[neighbours].reshape(neighbours.shape[0], -1)  # (N_out, K * C_in)
-        out = columns @ weight.permute(2, 3, 1, 0).reshape(k * k * c_in_per_group, c_out)
+        out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, same_sites)
     elif groups == c_out == features.shape[1] and c_in_per_group == 1:
         tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
         if same_sites:
