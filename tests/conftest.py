@@ -9,7 +9,6 @@ import torch
 
 from sparkme.sparse import BACKEND_NAMES, available_backends
 
-
 # tools/gpu_check.sh sets SPARKME_TEST_DEVICE=cuda to run the equivalence tests on a GPU.
 DEVICE = torch.device(os.environ.get("SPARKME_TEST_DEVICE", "cpu"))
 
