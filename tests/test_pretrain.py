@@ -158,3 +158,16 @@ def test_export_cli_from_a_checkpoint(tmp_path):
                              "format=torchvision", f"out={out}"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True), strict=True)
+
+
+def test_multirun_sweeps_over_backends_and_slurm_launcher_composes(tmp_path):
+    command = [sys.executable, "-m", "sparkme.cli", "-m", "backend=torch,masked", "debug=fast",
+               f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert runs == ["0_resnet18_torch_samples", "1_resnet18_masked_samples"]
+    assert all((tmp_path / run / "checkpoints" / "latest.pt").exists() for run in runs)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.gpus_per_node == 8
