@@ -113,10 +113,15 @@ def torch_info() -> tuple[str, str | None, bool]:
     return torch.__version__, torch.version.cuda, torch.cuda.is_available()
 
 
+def patches_for(variant: str) -> list:
+    return CPU_PATCHES + (CUDA_PATCHES if variant != "cpu" else [])
+
+
 def cache_key(torch_version: str, variant: str) -> str:
-    """Cache folder name: every input that makes a wheel incompatible is part of it."""
+    """Cache folder name: every input that makes a wheel incompatible is part of it (only the patches that the
+    variant's build applies, so editing CUDA patches never invalidates cached CPU wheels)."""
     py_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    patch_digest = hashlib.sha256(repr((CPU_PATCHES, CUDA_PATCHES)).encode()).hexdigest()[:10]
+    patch_digest = hashlib.sha256(repr(patches_for(variant)).encode()).hexdigest()[:10]
     return f"me{ME_VERSION}-torch{torch_version.replace('+', '_')}-{variant}-{py_tag}-p{patch_digest}"
 
 
@@ -179,8 +184,7 @@ def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str |
         with tarfile.open(sdist) as archive:
             archive.extractall(tmp, filter="data")
         source = Path(tmp) / f"MinkowskiEngine-{ME_VERSION}"
-        patches = CPU_PATCHES + (CUDA_PATCHES if variant != "cpu" else [])
-        for line in apply_patches(source, patches):
+        for line in apply_patches(source, patches_for(variant)):
             log(line)
         (source / "MinkowskiEngine" / "SPARKME_BUILD_KEY").write_text(key + "\n")
         env = dict(os.environ, MAX_JOBS=str(jobs), SETUPTOOLS_USE_DISTUTILS="stdlib")

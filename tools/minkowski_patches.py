@@ -97,6 +97,51 @@ CUDA_PATCHES: list[Patch] = [
         "        NVCC_FLAGS += ['-I' + _cccl]\n",
         "CUDA 13 moved thrust/cub/libcu++ under include/cccl",
     ),
+    (
+        "setup.py",
+        'FAST_MATH, argv = _argparse("--fast_math", argv)\n',
+        '_WHEEL_LINK_ARGS = []\n'
+        'if not CPU_ONLY:\n'
+        '    # A toolkit installed without its math libraries (e.g. only nvcc) still builds against the\n'
+        '    # cuBLAS/cuSPARSE headers and libraries of the nvidia-* wheels torch depends on; they go last.\n'
+        '    import glob as _glob\n'
+        '\n'
+        '    _cuda_root = CUDA_HOME or os.environ.get("CUDA_HOME") or ""\n'
+        '    try:\n'
+        '        import nvidia as _nvidia\n'
+        '\n'
+        '        _nvidia_bases = list(_nvidia.__path__)\n'
+        '    except ImportError:\n'
+        '        _nvidia_bases = []\n'
+        '    for _header, _lib in (("cusparse.h", "cusparse"), ("cublas_v2.h", "cublas")):\n'
+        '        if _cuda_root and os.path.exists(os.path.join(_cuda_root, "include", _header)):\n'
+        '            continue\n'
+        '        _hits = [(b, h) for b in _nvidia_bases\n'
+        '                 for h in sorted(_glob.glob(os.path.join(b, "*", "include", _header)))]\n'
+        '        if not _hits:\n'
+        '            continue\n'
+        '        _base, _inc = _hits[0][0], os.path.dirname(_hits[0][1])\n'
+        '        if _inc not in NVCC_FLAGS:\n'
+        '            CC_FLAGS += ["-isystem", _inc]\n'
+        '            NVCC_FLAGS += ["-isystem", _inc]\n'
+        '        _libdir = os.path.join(os.path.dirname(_inc), "lib")\n'
+        '        _sos = sorted(_glob.glob(os.path.join(_libdir, f"lib{_lib}.so.*")))\n'
+        '        if _lib in libraries and _sos and not os.path.exists(os.path.join(_libdir, f"lib{_lib}.so")):\n'
+        '            libraries[libraries.index(_lib)] = ":" + os.path.basename(_sos[0])\n'
+        '        # the extension lands in site-packages/MinkowskiEngineBackend/, next to site-packages/nvidia/\n'
+        '        _rpath = "-Wl,-rpath,$ORIGIN/../" + os.path.relpath(_libdir, os.path.dirname(_base))\n'
+        '        for _arg in (f"-L{_libdir}", _rpath):\n'
+        '            if _arg not in _WHEEL_LINK_ARGS:\n'
+        '                _WHEEL_LINK_ARGS.append(_arg)\n'
+        'FAST_MATH, argv = _argparse("--fast_math", argv)\n',
+        "a toolkit without cuBLAS/cuSPARSE (nvcc only) builds against the nvidia-* wheels torch depends on",
+    ),
+    (
+        "setup.py",
+        "        libraries=libraries,\n",
+        "        libraries=libraries,\n        extra_link_args=_WHEEL_LINK_ARGS,\n",
+        "link against (and find at run time) the nvidia-* wheel libraries found above",
+    ),
 ]
 
 
