@@ -94,8 +94,9 @@ CUDA_PATCHES: list[Patch] = [
         "if CUDA_HOME or os.environ.get('CUDA_HOME'):\n"
         "    _cccl = os.path.join(CUDA_HOME or os.environ['CUDA_HOME'], 'targets', 'x86_64-linux', 'include', 'cccl')\n"
         "    if os.path.isdir(_cccl):\n"
-        "        NVCC_FLAGS += ['-I' + _cccl]\n",
-        "CUDA 13 moved thrust/cub/libcu++ under include/cccl",
+        "        NVCC_FLAGS += ['-I' + _cccl]\n"
+        "        CC_FLAGS += ['-I' + _cccl]\n",
+        "CUDA 13 moved thrust/cub/libcu++ under include/cccl (the .cpp files of the CUDA build include thrust too)",
     ),
     (
         "setup.py",
@@ -141,6 +142,57 @@ CUDA_PATCHES: list[Patch] = [
         "        libraries=libraries,\n",
         "        libraries=libraries,\n        extra_link_args=_WHEEL_LINK_ARGS,\n",
         "link against (and find at run time) the nvidia-* wheel libraries found above",
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "#include <functional>\n",
+        "#include <functional>\n\n"
+        "// CUDA 13 replaced cudaMemPrefetchAsync(ptr, count, device, stream) by a cudaMemLocation + flags form.\n"
+        "inline cudaError_t minkowski_prefetch_async(const void *ptr, size_t count, int dev_id,\n"
+        "                                            cudaStream_t stream) {\n"
+        "#if defined(CUDART_VERSION) && (CUDART_VERSION >= 13000)\n"
+        "  cudaMemLocation location{};\n"
+        "  location.type = cudaMemLocationTypeDevice;\n"
+        "  location.id = dev_id;\n"
+        "  return cudaMemPrefetchAsync(ptr, count, location, 0, stream);\n"
+        "#else\n"
+        "  return cudaMemPrefetchAsync(ptr, count, dev_id, stream);\n"
+        "#endif\n"
+        "}\n",
+        "cudaMemPrefetchAsync takes a cudaMemLocation in CUDA 13",
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "    CUDA_TRY(\n        cudaMemPrefetchAsync(m_hashtbl_values,",
+        "    CUDA_TRY(\n        minkowski_prefetch_async(m_hashtbl_values,",
+        "cudaMemPrefetchAsync takes a cudaMemLocation in CUDA 13",
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "    CUDA_TRY(cudaMemPrefetchAsync(this, sizeof(*this), dev_id, stream));\n",
+        "    CUDA_TRY(minkowski_prefetch_async(this, sizeof(*this), dev_id, stream));\n",
+        "cudaMemPrefetchAsync takes a cudaMemLocation in CUDA 13",
+    ),
+    (
+        "src/3rdparty/concurrent_unordered_map.cuh",
+        "        CUDA_TRY(\n          cudaMemPrefetchAsync(m_hashtbl_values,",
+        "        CUDA_TRY(\n          minkowski_prefetch_async(m_hashtbl_values,",
+        "cudaMemPrefetchAsync takes a cudaMemLocation in CUDA 13",
+    ),
+    (
+        "src/coordinate_map_gpu.cuh",
+        "      m_map = map_type::create(\n"
+        "          compute_hash_table_size(size, m_hashtable_occupancy),\n"
+        "          m_unused_element, m_unused_key, m_hasher, m_equal, m_map_allocator);\n",
+        "      {\n"
+        "        auto map_ptr = map_type::create(\n"
+        "            compute_hash_table_size(size, m_hashtable_occupancy),\n"
+        "            m_unused_element, m_unused_key, m_hasher, m_equal, m_map_allocator);\n"
+        "        auto map_deleter = map_ptr.get_deleter();\n"
+        "        m_map = std::shared_ptr<map_type>(map_ptr.release(), std::move(map_deleter));\n"
+        "      }\n",
+        "libstdc++'s shared_ptr(unique_ptr&&) calls __to_address unqualified, which ADL makes ambiguous with "
+        "libcu++'s cuda::std::__to_address (the map's value type is a cuda::std::pair)",
     ),
 ]
 

@@ -7,7 +7,10 @@ from torch.utils.data import Dataset
 
 
 class SyntheticImages(Dataset):
-    """``length`` items of ``(3, image_size, image_size)`` standard-normal noise, deterministic per index."""
+    """``length`` items of ``(3, image_size, image_size)`` standard-normal noise, deterministic per index.
+
+    ``transform`` is accepted (the trainer passes one to every data set) and ignored: noise needs no augmentation.
+    """
 
     def __init__(self, image_size: int, length: int = 1024, transform=None):
         if length < 1:
