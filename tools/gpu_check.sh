@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 MODE=${1:-run}
 OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu_check.log"; }
 step() { local name=$1; shift; log "BEGIN $name"; "$@" > "$OUT/$name.log" 2>&1; local rc=$?;
@@ -27,7 +28,8 @@ if [ "$MODE" = "--download-wheels" ]; then
   exit $?
 fi
 : > "$OUT/status.txt"
-export SPARKME_CACHE=${SPARKME_CACHE:-$PWD/.cache}
+# A carried .cache/ (sdist or prebuilt wheel) serves the offline GPU machine; otherwise the usual ~/.cache/sparkme.
+if [ -z "${SPARKME_CACHE:-}" ] && [ -d .cache/minkowski ]; then export SPARKME_CACHE=$PWD/.cache; fi
 if [ "$MODE" = "--dry-run" ]; then
   log "dry run: CUDA build replaced by the CPU build, tests and benchmark on the CPU, tiny sizes"
   DEVICE=cpu

@@ -37,6 +37,7 @@ from minkowski_patches import CPU_PATCHES, CUDA_PATCHES, apply_patches  # noqa: 
 
 ME_VERSION = "0.5.4"
 SDIST_NAME = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
+MARKER = "SPARKME_BUILD_KEY"  # written into the installed package: which cached build is installed
 OPENBLAS_HEADER_GLOBS = (
     "/usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h",
     "/usr/include/*/openblas-pthread/cblas.h",
@@ -125,18 +126,19 @@ def cache_key(torch_version: str, variant: str) -> str:
     return f"me{ME_VERSION}-torch{torch_version.replace('+', '_')}-{variant}-{py_tag}-p{patch_digest}"
 
 
-def installed_marker() -> str | None:
-    """The cache key recorded in the installed MinkowskiEngine, or None when it is missing or not ours."""
-    try:
-        from importlib import metadata
+def _installed_package_dir() -> Path | None:
+    """Folder of the installed MinkowskiEngine package, found without importing it."""
+    import importlib.util
 
-        dist = metadata.distribution("MinkowskiEngine")
-    except Exception:
-        return None
-    for file in dist.files or []:
-        if file.name == "SPARKME_BUILD_KEY":
-            return Path(dist.locate_file(file)).read_text().strip()
-    return None
+    spec = importlib.util.find_spec("MinkowskiEngine")
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
+def installed_marker() -> str | None:
+    """The cache key recorded next to the installed MinkowskiEngine, or None when it is missing or not ours."""
+    package = _installed_package_dir()
+    marker = package / MARKER if package is not None else None
+    return marker.read_text().strip() if marker is not None and marker.exists() else None
 
 
 def _sdist(cache: Path) -> Path:
@@ -186,7 +188,6 @@ def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str |
         source = Path(tmp) / f"MinkowskiEngine-{ME_VERSION}"
         for line in apply_patches(source, patches_for(variant)):
             log(line)
-        (source / "MinkowskiEngine" / "SPARKME_BUILD_KEY").write_text(key + "\n")
         env = dict(os.environ, MAX_JOBS=str(jobs), SETUPTOOLS_USE_DISTUTILS="stdlib")
         args = [sys.executable, "setup.py", "bdist_wheel", "--blas=openblas", f"--blas_include_dirs={blas_include}"]
         if variant == "cpu":
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)])
         _run([sys.executable, "-c", "import MinkowskiEngine as ME; print('MinkowskiEngine', ME.__version__, 'ok')"],
              cwd=Path(tempfile.gettempdir()))
+        (_installed_package_dir() / MARKER).write_text(key + "\n")  # lets the next run skip the reinstall
     log(f"done in {time.time() - started:.1f} s")
     return 0
 
