@@ -194,6 +194,12 @@ CUDA_PATCHES: list[Patch] = [
         "libstdc++'s shared_ptr(unique_ptr&&) calls __to_address unqualified, which ADL makes ambiguous with "
         "libcu++'s cuda::std::__to_address (the map's value type is a cuda::std::pair)",
     ),
+    *[
+        (path, "#include <ATen/cuda/CUDAUtils.h>\n",
+         "#include <ATen/core/Tensor.h>\n#include <ATen/cuda/CUDAUtils.h>\n",
+         "torch 2.14's ATen/cuda/CUDAUtils.h uses at::Tensor without including its definition")
+        for path in ("src/spmm.cu", "src/spmm.cuh")
+    ],
 ]
 
 
