@@ -197,7 +197,6 @@ def _pretrain(cfg: DictConfig, dist_info) -> dict:
     progress = tqdm(total=total_steps, initial=start_step, disable=not dist_info.is_main or not cfg.trainer.progress,
                     dynamic_ncols=True, desc="pretrain")
     loader_iter, loader_epoch = None, None
-    step = start_step
     try:
         for step in range(start_step, total_steps):
             epoch, within = divmod(step, steps_per_epoch)

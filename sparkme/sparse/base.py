@@ -127,7 +127,7 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
         grad_features = _depthwise_taps(grad_out, taps, weight.flip(0)) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[2]:
-            padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+            padded = _with_missing_row(features)
             grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])
         return grad_features, None, grad_weight
 
@@ -166,9 +166,14 @@ class _GatherGemmConv(torch.autograd.Function):
         return grad_features, None, grad_weight, None
 
 
+def _with_missing_row(features: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``(N, C)`` -> ``(N + 1, C)``: row ``N`` is what a neighbour table's "missing" entry reads."""
+    return torch.cat([features, features.new_full((1, features.shape[1]), fill)])
+
+
 def _gather_rows(features: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``(N_in, C)`` rows through a ``(N_out, K)`` table (``N_in`` = zeros) -> ``(N_out, K*C)`` columns."""
-    padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    padded = _with_missing_row(features)
     return padded[table].reshape(table.shape[0], -1)
 
 
@@ -180,7 +185,7 @@ def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _depthwise_taps(features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``sum_k features[taps[k]] * weight[k]``: ``(N, C)``, ``(K, N)`` (N = missing), ``(K, C)`` -> ``(N, C)``."""
-    padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    padded = _with_missing_row(features)
     out = torch.zeros_like(features)
     for tap, tap_weight in zip(taps, weight):
         out.addcmul_(padded[tap], tap_weight)
@@ -213,7 +218,7 @@ def gather_conv(
         if same_sites:
             out = _SubmanifoldDepthwise.apply(features.contiguous(), neighbours.t().contiguous(), tap_weight)
         else:
-            padded = torch.cat([features, features.new_zeros(1, features.shape[1])])
+            padded = _with_missing_row(features)
             out = torch.einsum("nkc,kc->nc", padded[neighbours], tap_weight)
     else:
         raise ValueError(f"unsupported groups={groups} for {c_out} output channels: use 1 or depthwise")
@@ -222,7 +227,7 @@ def gather_conv(
 
 def gather_max_pool(features: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """Max over the visible neighbours: ``(N_in, C)`` and ``(N_out, K)`` -> ``(N_out, C)``."""
-    padded = torch.cat([features, features.new_full((1, features.shape[1]), float("-inf"))])
+    padded = _with_missing_row(features, float("-inf"))
     return padded[neighbours].amax(dim=1)
 
 
