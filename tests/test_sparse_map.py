@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ALL_BACKENDS, relative_error
+from conftest import ALL_BACKENDS, DEVICE, relative_error
 from sparkme.masking import mask_at_stride, random_mask
 from sparkme.sparse import sparse_from_images
 from sparkme.sparse.minkowski_backend import ME, dense_to_minkowski_kernel, minkowski_to_dense_kernel
@@ -64,6 +64,38 @@ def test_minkowski_convolution_equals_dense_conv_of_masked_image(kernel, stride)
     out_coords = out.C.long()
     out_coords[:, 1:] //= stride
     assert set(map(tuple, out_coords.tolist())) == set(map(tuple, out_mask.nonzero().tolist()))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (2, 2)])
+def test_minkowski_convolution_gradients_equal_dense_conv(kernel, stride, dtype, tolerance):
+    """MinkowskiEngine's own kernels (the CPU build's gemm runs on ATen; CUDA with SPARKME_TEST_DEVICE=cuda) give
+    conv2d's output, input gradient and weight gradient at visible sites: all three gemm forms, float and double."""
+    images, mask = _inputs(channels=4)
+    images = images.to(DEVICE, dtype).requires_grad_()
+    mask = mask.to(DEVICE)
+    pixel_mask = mask_at_stride(mask, 1)
+    out_mask = mask_at_stride(mask, stride)[:, None]
+    conv = ME.MinkowskiConvolution(4, 5, kernel_size=kernel, stride=stride, bias=False, dimension=2)
+    conv = conv.to(DEVICE, dtype)
+    torch.nn.init.normal_(conv.kernel)
+    weight = minkowski_to_dense_kernel(conv.kernel.detach(), kernel).clone().requires_grad_()
+    padding = kernel // 2 if kernel % 2 else 0
+    reference = F.conv2d(images * pixel_mask[:, None], weight, stride=stride, padding=padding)
+    upstream = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
+    (reference * upstream * out_mask).sum().backward()
+    reference_input_grad, images.grad = images.grad, None
+
+    features = images.permute(0, 2, 3, 1)[pixel_mask]  # (N visible pixels, 4), rows in (b, y, x) order
+    coordinates = pixel_mask.nonzero().int().contiguous()  # (N, 3): batch, y, x
+    out = conv(ME.SparseTensor(features, coordinates=coordinates))
+    dense_out, _, _ = out.dense(shape=torch.Size(reference.shape), min_coordinate=torch.IntTensor([0, 0]))
+    (dense_out * upstream * out_mask).sum().backward()
+
+    visible = out_mask.expand_as(reference)
+    assert relative_error(dense_out[visible].detach(), reference[visible].detach()) <= tolerance
+    assert relative_error(images.grad, reference_input_grad) <= tolerance
+    assert relative_error(minkowski_to_dense_kernel(conv.kernel.grad, kernel), weight.grad) <= tolerance
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -3,7 +3,8 @@
 
 PyPI only carries the 0.5.4 source distribution (May 2021). It does not import on Python >= 3.10 and its
 ``setup.py`` deletes ``build/`` and uninstalls MinkowskiEngine each time it runs. This tool applies the project's
-own small patches, builds a wheel once, caches it outside the repository keyed by
+own small patches (among them ``--blas=aten``: the CPU kernels' gemm/axpy run on torch's own BLAS, so no system
+BLAS is needed), builds a wheel once, caches it outside the repository keyed by
 (MinkowskiEngine version, torch version, CPU/CUDA variant, Python tag) and installs it. A second run only installs
 the cached wheel (seconds); a run where the right build is already installed does nothing.
 
@@ -19,7 +20,6 @@ Environment: ``SPARKME_CACHE`` (default ``~/.cache/sparkme``) holds ``minkowski/
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import os
 import shutil
@@ -38,12 +38,6 @@ from minkowski_patches import CPU_PATCHES, CUDA_PATCHES, apply_patches  # noqa: 
 ME_VERSION = "0.5.4"
 SDIST_NAME = f"MinkowskiEngine-{ME_VERSION}.tar.gz"
 MARKER = "SPARKME_BUILD_KEY"  # written into the installed package: which cached build is installed
-OPENBLAS_HEADER_GLOBS = (
-    "/usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h",
-    "/usr/include/*/openblas-pthread/cblas.h",
-    "/usr/include/openblas/cblas.h",
-    "/usr/include/cblas.h",
-)
 
 
 class InstallError(RuntimeError):
@@ -59,39 +53,6 @@ def _run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> No
     result = subprocess.run(cmd, cwd=cwd, env=env)
     if result.returncode != 0:
         raise InstallError(f"command failed with exit code {result.returncode}: {' '.join(cmd)}")
-
-
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def _find_openblas_include() -> Path | None:
-    for pattern in OPENBLAS_HEADER_GLOBS:
-        hits = sorted(glob.glob(pattern))
-        if hits:
-            return Path(hits[0]).parent
-    conda_prefix = os.environ.get("CONDA_PREFIX")
-    if conda_prefix and (Path(conda_prefix) / "include" / "cblas.h").exists():
-        return Path(conda_prefix) / "include"
-    return None
-
-
-def ensure_openblas() -> Path:
-    """Return the folder holding OpenBLAS's ``cblas.h``, installing ``libopenblas-dev`` when we are root."""
-    include = _find_openblas_include()
-    if include is not None:
-        return include
-    if _is_root() and shutil.which("apt-get"):
-        log("OpenBLAS headers missing: installing Debian's libopenblas-dev")
-        _run(["apt-get", "update", "-qq"])
-        _run(["apt-get", "install", "-y", "-qq", "libopenblas-dev"])
-        include = _find_openblas_include()
-        if include is not None:
-            return include
-    raise InstallError(
-        "OpenBLAS headers (cblas.h) not found. Install them with `sudo apt-get install libopenblas-dev` "
-        "(Debian/Ubuntu) or `conda install -c conda-forge openblas`, then rerun."
-    )
 
 
 def ensure_compiler() -> None:
@@ -174,7 +135,6 @@ def _cuda_home() -> str:
 def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str | None) -> Path:
     """Patch the sdist in a temporary folder and build a wheel into ``cache/key``."""
     ensure_compiler()
-    blas_include = ensure_openblas()
     for module in ("numpy", "setuptools", "wheel", "ninja"):
         try:
             __import__(module)
@@ -189,7 +149,8 @@ def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str |
         for line in apply_patches(source, patches_for(variant)):
             log(line)
         env = dict(os.environ, MAX_JOBS=str(jobs), SETUPTOOLS_USE_DISTUTILS="stdlib")
-        args = [sys.executable, "setup.py", "bdist_wheel", "--blas=openblas", f"--blas_include_dirs={blas_include}"]
+        # --blas=aten (a project patch): MinkowskiEngine's CPU gemm/axpy run on torch's own BLAS, no system BLAS
+        args = [sys.executable, "setup.py", "bdist_wheel", "--blas=aten"]
         if variant == "cpu":
             args.append("--cpu_only")
         else:
@@ -220,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=os.environ.get("SPARKME_CACHE", str(Path.home() / ".cache/sparkme")))
     parser.add_argument("--build-only", action="store_true", help="build and cache the wheel without installing")
     parser.add_argument("--rebuild", action="store_true", help="ignore a cached wheel")
+    parser.add_argument("--fetch-sdist", action="store_true",
+                        help="only download the sdist into the cache (to carry to an offline machine), then stop")
     args = parser.parse_args(argv)
+    if args.fetch_sdist:
+        log(f"sdist at {_sdist(Path(args.cache_dir).expanduser() / 'minkowski')}")
+        return 0
 
     started = time.time()
     torch_version, torch_cuda, gpu_visible = torch_info()

@@ -20,6 +20,101 @@ _SEQUENCE_FILES = (
     "MinkowskiEngine/utils/quantization.py",
 )
 
+# MinkowskiEngine's CPU kernels need four BLAS routines (s/d gemm and axpy). Routing them through ATen, i.e. the
+# BLAS that torch already ships, removes the system OpenBLAS dependency: no headers to install, no library to find at
+# run time, and the same build works offline (the GPU machine) and on conda, Debian or anything else torch runs on.
+_CBLAS_ENUMS = """// sparkme: the CBLAS enums MinkowskiEngine's signatures use; the routines themselves run on ATen
+// (math_functions_cpu.cpp), so no system BLAS header or library is needed.
+typedef enum CBLAS_ORDER { CblasRowMajor = 101, CblasColMajor = 102 } CBLAS_ORDER;
+typedef enum CBLAS_TRANSPOSE {
+  CblasNoTrans = 111,
+  CblasTrans = 112,
+  CblasConjTrans = 113
+} CBLAS_TRANSPOSE;
+"""
+
+_ATEN_BLAS = """#include "math_functions.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cstdint>
+
+namespace {
+
+// A BLAS matrix of rows x cols with leading dimension ld, as a strided tensor over the same memory (no copy).
+template <typename Dtype>
+at::Tensor blas_matrix(const Dtype *data, int rows, int cols, int ld, CBLAS_ORDER layout) {
+  const int64_t row_stride = layout == CblasRowMajor ? ld : 1;
+  const int64_t col_stride = layout == CblasRowMajor ? 1 : ld;
+  return at::from_blob(const_cast<Dtype *>(data), {rows, cols}, {row_stride, col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<Dtype>::value));
+}
+
+// C := alpha * op(A) * op(B) + beta * C with C of M x N, on torch's own BLAS.
+template <typename Dtype>
+void aten_gemm(CBLAS_ORDER layout, CBLAS_TRANSPOSE trans_a, CBLAS_TRANSPOSE trans_b, int M, int N, int K,
+               Dtype alpha, const Dtype *A, int lda, const Dtype *B, int ldb, Dtype beta, Dtype *C, int ldc) {
+  if (M == 0 || N == 0)
+    return;
+  c10::NoGradGuard no_grad;
+  at::Tensor a = trans_a == CblasNoTrans ? blas_matrix(A, M, K, lda, layout) : blas_matrix(A, K, M, lda, layout).t();
+  at::Tensor b = trans_b == CblasNoTrans ? blas_matrix(B, K, N, ldb, layout) : blas_matrix(B, N, K, ldb, layout).t();
+  at::Tensor c = blas_matrix(C, M, N, ldc, layout);
+  c.addmm_(a, b, beta, alpha); // beta == 0 ignores C's old values, NaNs included, as BLAS does
+}
+
+// Y := alpha * X + Y over N contiguous values.
+template <typename Dtype>
+void aten_axpy(int N, Dtype alpha, const Dtype *X, Dtype *Y) {
+  if (N == 0)
+    return;
+  c10::NoGradGuard no_grad;
+  blas_matrix(Y, N, 1, 1, CblasColMajor).add_(blas_matrix(X, N, 1, 1, CblasColMajor), alpha);
+}
+
+} // namespace
+"""
+
+_ATEN_BLAS_PATCHES: list[Patch] = [
+    (
+        "setup.py",
+        'BLAS_LIST = ["openblas", "mkl", "atlas", "blas"]\n',
+        'BLAS_LIST = ["aten", "openblas", "mkl", "atlas", "blas"]\n',
+        "--blas=aten: the CPU BLAS routines run on torch's ATen, no system BLAS library",
+    ),
+    (
+        "setup.py",
+        '    if BLAS == "mkl":\n        libraries.append("mkl_rt")\n',
+        '    if BLAS == "aten":\n        pass  # torch brings its own BLAS\n'
+        '    elif BLAS == "mkl":\n        libraries.append("mkl_rt")\n',
+        "--blas=aten links no BLAS library",
+    ),
+    (
+        "src/mkl_alternate.hpp",
+        'extern "C" {\n#include <cblas.h>\n}\n',
+        _CBLAS_ENUMS,
+        "the CBLAS enums without the system cblas.h",
+    ),
+    (
+        "src/math_functions_cpu.cpp",
+        '#include "math_functions.hpp"\n',
+        _ATEN_BLAS,
+        "gemm/axpy on ATen",
+    ),
+    *[
+        ("src/math_functions_cpu.cpp",
+         f"  cblas_{p}gemm(Layout, TransA, TransB, M, N, K, alpha, A, lda, B, ldb, beta, C,\n",
+         "  aten_gemm(Layout, TransA, TransB, M, N, K, alpha, A, lda, B, ldb, beta, C,\n", "gemm on ATen")
+        for p in "sd"
+    ],
+    *[
+        ("src/math_functions_cpu.cpp", f"  cblas_{p}axpy(N, alpha, X, 1, Y, 1);\n",
+         "  aten_axpy(N, alpha, X, Y);\n", "axpy on ATen")
+        for p in "sd"
+    ],
+]
+
 CPU_PATCHES: list[Patch] = [
     (
         "setup.py",
@@ -44,6 +139,7 @@ CPU_PATCHES: list[Patch] = [
         "import collections.abc as container_abcs\n\n\ndef istuple(value):\n    return isinstance(value, tuple)\n",
         "torch._six was removed in torch 2.0",
     ),
+    *_ATEN_BLAS_PATCHES,
 ]
 
 _NVTX_OFF = "#ifndef NVTX_DISABLE\n#define NVTX_DISABLE\n#endif\n"
