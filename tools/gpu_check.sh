@@ -7,9 +7,10 @@
 # It installs the wheels into a private folder on PYTHONPATH (the machine's own packages stay untouched), builds and
 # installs MinkowskiEngine for the local torch, runs the equivalence tests on CUDA for all three backends, a
 # training step, and sparkme-bench (resnet50, convnext_tiny; ratios 0.6/0.75/0.9; batch 64). Each step has a time
-# limit so the whole check ends within about 9 minutes even when one step hangs. Results go to $RESULTS (default
-# ./gpu_results): gpu_check.log, status.txt, one log per step, bench/*. When $OUT is set (the device tool's folder
-# that comes back, at most 8 files), it receives gpu_results.tar.gz (all of it but checkpoints) and the summaries.
+# limit and all share one budget (GPU_CHECK_BUDGET, 560 s), so the check ends in time even when a step hangs.
+# Results go to $RESULTS (default ./gpu_results): gpu_check.log, status.txt, one log per step, bench/*. When $OUT is
+# set (the device tool's folder that comes back, at most 8 files), it receives gpu_results.tar.gz (everything but
+# checkpoints) and the summaries.
 #
 #   bash tools/gpu_check.sh --prepare    # networked machine: fill wheels/ and .cache/ for the offline run
 #   bash tools/gpu_check.sh --dry-run    # rehearsal on a CPU machine: every step, CUDA parts on the CPU, tiny sizes
@@ -37,8 +38,13 @@ case "$MODE" in run|--dry-run) ;; *) echo "usage: $0 [--prepare|--dry-run]" >&2;
 rm -rf "$RESULTS"; mkdir -p "$RESULTS"
 : > "$RESULTS/status.txt"
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$RESULTS/gpu_check.log"; }
-# step NAME SECONDS CMD...: run CMD with a time limit, its output in NAME.log, its exit code in status.txt (124: timed out)
-step() { local name=$1 limit=$2; shift 2; log "BEGIN $name (limit $limit s)"; local t0=$SECONDS
+# The device tool stops a command at 600 s: every step ends before this budget, so the results are always packed.
+BUDGET=${GPU_CHECK_BUDGET:-560}
+# step NAME SECONDS CMD...: run CMD with a time limit (its own, or what is left of the budget if less), its output in
+# NAME.log, its exit code in status.txt (124: timed out)
+step() { local name=$1 limit=$2; shift 2; local left=$((BUDGET - SECONDS)); [ "$left" -lt "$limit" ] && limit=$left
+         if [ "$limit" -le 0 ]; then log "SKIP $name: budget spent"; echo "$name skipped" >> "$RESULTS/status.txt"; return; fi
+         log "BEGIN $name (limit $limit s)"; local t0=$SECONDS
          timeout --kill-after=10 "$limit" "$@" > "$RESULTS/$name.log" 2>&1; local rc=$?
          log "END $name rc=$rc ($((SECONDS - t0)) s)"; echo "$name $rc" >> "$RESULTS/status.txt"; }
 pack() {  # what comes back from the device machine: one archive plus the files worth reading first
@@ -78,7 +84,7 @@ if [ "$DEVICE" = cuda ] && ! $PY -c 'import torch, sys; sys.exit(not torch.cuda.
   log "torch sees no GPU: use --dry-run on a CPU machine"; exit 2
 fi
 step imports 60 $PY -c "import hydra, omegaconf, timm, sparkme; print('hydra', hydra.__version__, 'timm', timm.__version__)"
-step minkowski_build 300 $PY tools/install_minkowski.py "${ME_ARGS[@]}" --jobs "$(nproc)"
+step minkowski_build 360 $PY tools/install_minkowski.py "${ME_ARGS[@]}" --jobs "$(nproc)"
 step backends 30 $PY -c "import sparkme; print(sparkme.available_backends())"
 export SPARKME_TEST_DEVICE=$DEVICE
 step equivalence_tests 120 $PY -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
