@@ -3,7 +3,8 @@
 Each patch is ``(relative path, old text, new text, why)``. ``apply_patches`` fails loudly when an ``old`` text is
 missing, so a changed sdist can never be built half-patched.
 
-CPU patches make the sdist build and import with torch 2.x, Python >= 3.10, numpy 2 and current setuptools.
+CPU patches make the sdist build and import with torch 2.x, Python >= 3.10, numpy 2 and current setuptools, and run
+its few BLAS calls on ATen (``--blas=aten``) so no system BLAS is needed.
 CUDA patches (added to the CPU ones for a CUDA build) make it compile with CUDA 12/13 and CCCL's thrust.
 """
 
