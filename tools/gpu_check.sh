@@ -2,7 +2,8 @@
 # One-shot GPU verification for a machine with an NVIDIA GPU and no network, e.g. an H200 whose python3 already has
 # torch (+cu130), torchvision, timm, numpy, scikit-image, pytest, hypothesis, ninja and nvcc. What it lacks travels
 # with the checkout, prepared on a networked machine by `bash tools/gpu_check.sh --prepare`:
-#   wheels/                     pure-Python wheels missing there (hydra-core, omegaconf, antlr4-python3-runtime)
+#   wheels/                     pure-Python wheels: hydra-core, omegaconf, antlr4-python3-runtime (missing there)
+#                               and timm pinned to the version CI tests
 #   .cache/minkowski/sdist/     the MinkowskiEngine 0.5.4 sdist, built there for that machine's torch
 # It installs the wheels into a private folder on PYTHONPATH (the machine's own packages stay untouched), builds and
 # installs MinkowskiEngine for the local torch, runs the equivalence tests on CUDA for all three backends, a
@@ -21,12 +22,13 @@ MODE=${1:-run}
 RESULTS=${RESULTS:-$PWD/gpu_results}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
-# Versions CI tests with; pure-Python, so one wheel serves any CPython 3.
-CARRIED=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3)
+# Versions CI tests with (timm too, so the GPU run checks the same model code); all pure Python, so one wheel
+# serves any CPython 3.
+CARRIED=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31)
 
 if [ "$MODE" = "--prepare" ]; then
   set -e
-  mkdir -p wheels
+  mkdir -p wheels && rm -f wheels/*.whl  # one version of each package: pip --target refuses two
   # antlr4-python3-runtime 4.9.3 is published as an sdist only: build its (pure-Python) wheel here.
   $PY -m pip wheel --no-deps -q -w wheels "${CARRIED[@]}"
   $PY tools/install_minkowski.py --fetch-sdist --cache-dir .cache

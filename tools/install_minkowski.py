@@ -148,7 +148,11 @@ def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str |
         source = Path(tmp) / f"MinkowskiEngine-{ME_VERSION}"
         for line in apply_patches(source, patches_for(variant)):
             log(line)
-        env = dict(os.environ, MAX_JOBS=str(jobs), SETUPTOOLS_USE_DISTUTILS="stdlib")
+        env = dict(os.environ, MAX_JOBS=str(jobs))
+        if sys.version_info < (3, 12):
+            # the sdist's setup.py was written against the stdlib distutils; Python 3.12 removed it, and there
+            # setuptools' own copy is the only one (asking for "stdlib" would make every import of it fail)
+            env["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"
         # --blas=aten (a project patch): MinkowskiEngine's CPU gemm/axpy run on torch's own BLAS, no system BLAS
         args = [sys.executable, "setup.py", "bdist_wheel", "--blas=aten"]
         if variant == "cpu":
