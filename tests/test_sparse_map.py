@@ -79,23 +79,26 @@ def test_minkowski_convolution_gradients_equal_dense_conv(kernel, stride, dtype,
     conv = ME.MinkowskiConvolution(4, 5, kernel_size=kernel, stride=stride, bias=False, dimension=2)
     conv = conv.to(DEVICE, dtype)
     torch.nn.init.normal_(conv.kernel)
-    weight = minkowski_to_dense_kernel(conv.kernel.detach(), kernel).clone().requires_grad_()
+    # The reference runs in float64 from the same values (on a GPU, float32 conv2d may use TF32).
+    images64 = images.detach().double().requires_grad_()
+    weight64 = minkowski_to_dense_kernel(conv.kernel.detach(), kernel).double().requires_grad_()
     padding = kernel // 2 if kernel % 2 else 0
-    reference = F.conv2d(images * pixel_mask[:, None], weight, stride=stride, padding=padding)
-    upstream = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE)
+    reference = F.conv2d(images64 * pixel_mask[:, None], weight64, stride=stride, padding=padding)
+    upstream = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    upstream = upstream.to(DEVICE)
     (reference * upstream * out_mask).sum().backward()
-    reference_input_grad, images.grad = images.grad, None
 
     features = images.permute(0, 2, 3, 1)[pixel_mask]  # (N visible pixels, 4), rows in (b, y, x) order
     coordinates = pixel_mask.nonzero().int().contiguous()  # (N, 3): batch, y, x
     out = conv(ME.SparseTensor(features, coordinates=coordinates))
     dense_out, _, _ = out.dense(shape=torch.Size(reference.shape), min_coordinate=torch.IntTensor([0, 0]))
-    (dense_out * upstream * out_mask).sum().backward()
+    (dense_out * upstream.to(dtype) * out_mask).sum().backward()
 
     visible = out_mask.expand_as(reference)
-    assert relative_error(dense_out[visible].detach(), reference[visible].detach()) <= tolerance
-    assert relative_error(images.grad, reference_input_grad) <= tolerance
-    assert relative_error(minkowski_to_dense_kernel(conv.kernel.grad, kernel), weight.grad) <= tolerance
+    assert relative_error(dense_out[visible].detach().double(), reference[visible].detach()) <= tolerance
+    assert relative_error(images.grad.double(), images64.grad) <= tolerance
+    kernel_grad = minkowski_to_dense_kernel(conv.kernel.grad, kernel).double()
+    assert relative_error(kernel_grad, weight64.grad) <= tolerance
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
