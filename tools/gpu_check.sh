@@ -81,8 +81,12 @@ if [ -d wheels ]; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sparkme from this checkout, no install needed
-log "python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' 2>&1)"
-if [ "$DEVICE" = cuda ] && ! $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+# one interpreter start: prints the versions, exits non-zero when torch sees no GPU
+INFO=$($PY -c 'import sys, torch; gpu = torch.cuda.is_available()
+print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.get_device_name() if gpu else None); sys.exit(0 if gpu else 3)' 2>&1); GPU_RC=$?
+log "python: $INFO"
+if [ "$DEVICE" = cuda ] && [ "$GPU_RC" -ne 0 ]; then
   log "torch sees no GPU: use --dry-run on a CPU machine"; exit 2
 fi
 step imports 60 $PY -c "import hydra, omegaconf, timm, sparkme; print('hydra', hydra.__version__, 'timm', timm.__version__)"

@@ -102,6 +102,15 @@ def installed_marker() -> str | None:
     return marker.read_text().strip() if marker is not None and marker.exists() else None
 
 
+def _setup_py_env(**extra: str) -> dict:
+    """Environment for running the sdist's ``setup.py``. It was written against the stdlib distutils; Python 3.12
+    removed that, and there setuptools' own copy is the only one (asking for "stdlib" would break every import)."""
+    env = dict(os.environ, **extra)
+    if sys.version_info < (3, 12):
+        env["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"
+    return env
+
+
 def _sdist(cache: Path) -> Path:
     """Download the PyPI sdist once into the cache (pip runs the sdist's setup.py to read its metadata, which
     needs the stdlib distutils shim and the build dependencies already present)."""
@@ -110,7 +119,7 @@ def _sdist(cache: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"downloading {SDIST_NAME} from PyPI")
-    env = dict(os.environ, SETUPTOOLS_USE_DISTUTILS="stdlib")
+    env = _setup_py_env()
     with tempfile.TemporaryDirectory() as tmp:
         _run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
@@ -148,11 +157,7 @@ def build_wheel(cache: Path, key: str, variant: str, jobs: int, cuda_arch: str |
         source = Path(tmp) / f"MinkowskiEngine-{ME_VERSION}"
         for line in apply_patches(source, patches_for(variant)):
             log(line)
-        env = dict(os.environ, MAX_JOBS=str(jobs))
-        if sys.version_info < (3, 12):
-            # the sdist's setup.py was written against the stdlib distutils; Python 3.12 removed it, and there
-            # setuptools' own copy is the only one (asking for "stdlib" would make every import of it fail)
-            env["SETUPTOOLS_USE_DISTUTILS"] = "stdlib"
+        env = _setup_py_env(MAX_JOBS=str(jobs))
         # --blas=aten (a project patch): MinkowskiEngine's CPU gemm/axpy run on torch's own BLAS, no system BLAS
         args = [sys.executable, "setup.py", "bdist_wheel", "--blas=aten"]
         if variant == "cpu":
@@ -188,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch-sdist", action="store_true",
                         help="only download the sdist into the cache (to carry to an offline machine), then stop")
     args = parser.parse_args(argv)
+    cache = Path(args.cache_dir).expanduser() / "minkowski"
     if args.fetch_sdist:
-        log(f"sdist at {_sdist(Path(args.cache_dir).expanduser() / 'minkowski')}")
+        log(f"sdist at {_sdist(cache)}")
         return 0
 
     started = time.time()
@@ -199,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         raise InstallError(f"CUDA build requested but torch {torch_version} is a CPU-only build")
     variant = f"cu{torch_cuda.replace('.', '')}-sm{(args.cuda_arch or '9.0').replace('.', '')}" if want_cuda else "cpu"
     key = cache_key(torch_version, variant)
-    cache = Path(args.cache_dir).expanduser() / "minkowski"
     log(f"torch {torch_version}, variant {variant}, cache key {key}")
 
     if not args.build_only and not args.rebuild and installed_marker() == key:
