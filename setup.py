@@ -1,7 +1,9 @@
 """sparkme: SparK masked-image-modeling pretraining for ConvNets with true sparse convolution.
 
-MinkowskiEngine has no installable wheel on PyPI: ``python tools/install_minkowski.py`` builds, caches and installs
-it for the torch in the current environment (the README's commands run it for you).
+MinkowskiEngine has no installable wheel on PyPI: ``sparkme-install-minkowski`` (or ``python
+tools/install_minkowski.py`` in a checkout) builds, caches and installs it for the torch in the current environment
+(the README's commands run it for you). The hydra configs live in the top-level ``conf/``; ``sparkme/conf`` links to
+it, so wheels and non-editable installs carry them as package data.
 """
 
 from pathlib import Path
@@ -42,6 +44,7 @@ setup(
             "sparkme-pretrain=sparkme.cli:main",
             "sparkme-export=sparkme.export:main",
             "sparkme-bench=sparkme.bench:main",
+            "sparkme-install-minkowski=sparkme.install.minkowski:cli",
         ]
     },
 )

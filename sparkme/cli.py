@@ -12,7 +12,8 @@ from omegaconf import DictConfig, open_dict
 
 from sparkme.engine.pretrain import pretrain
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# sparkme/conf is a link to the checkout's top-level conf/ (the single source); a wheel carries the files themselves
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
