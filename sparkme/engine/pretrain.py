@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sparkme.data.sampling import ResumableSampler, SeededItems
 from sparkme.data.transforms import pretrain_transform
+from sparkme.engine.config_checks import check_config
 from sparkme.engine.checkpoint import LATEST, check_compatible, load_checkpoint, save_atomic
 from sparkme.engine.distributed import cleanup_distributed, setup_distributed
 from sparkme.engine.logging import MetricsLogger
@@ -81,20 +82,9 @@ def _same_weights_on_all_ranks(model: torch.nn.Module) -> bool:
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
-def _validate(cfg: DictConfig) -> None:
-    if int(cfg.trainer.batch_size) < 1:
-        raise ValueError(f"trainer.batch_size must be >= 1, got {cfg.trainer.batch_size}")
-    if int(cfg.trainer.accum_steps) < 1:
-        raise ValueError(f"trainer.accum_steps must be >= 1, got {cfg.trainer.accum_steps}")
-    if cfg.trainer.amp not in (None, "bf16", "fp16"):
-        raise ValueError(f"trainer.amp must be null, bf16 or fp16, got {cfg.trainer.amp!r}")
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: use resume=auto or the path of an existing checkpoint")
-
-
 def pretrain(cfg: DictConfig) -> dict:
     """Run SparK pretraining as configured; returns a summary (losses, steps, paths)."""
-    _validate(cfg)
+    check_config(cfg)  # user errors at start-up, before anything heavy
     dist_info = setup_distributed(cfg.trainer.device)
     try:
         return _pretrain(cfg, dist_info)
