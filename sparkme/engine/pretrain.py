@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from sparkme.data.sampling import ResumableSampler, SeededItems
 from sparkme.data.transforms import pretrain_transform
-from sparkme.engine.config_checks import check_config
 from sparkme.engine.checkpoint import LATEST, check_compatible, load_checkpoint, save_atomic
+from sparkme.engine.config_checks import check_config
 from sparkme.engine.distributed import cleanup_distributed, setup_distributed
 from sparkme.engine.logging import MetricsLogger
 from sparkme.engine.schedule import SparkSchedule
