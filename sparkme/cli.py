@@ -1,9 +1,14 @@
-"""``sparkme-pretrain``: the hydra entry point; all the work is in ``sparkme.engine.pretrain.pretrain``."""
+"""``sparkme-pretrain``: the hydra entry point; all the work is in ``sparkme.engine.pretrain.pretrain``.
+
+User errors (a config group option that does not exist, a bad value, a missing file) end in one line,
+``sparkme-pretrain: error: ...``, with exit status 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,19 +16,55 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from sparkme.engine.pretrain import pretrain
+from sparkme.errors import UsageError, exit_with_usage_error, run_reporting_usage_errors
 
+COMMAND = "sparkme-pretrain"
 # sparkme/conf is a link to the checkout's top-level conf/ (the single source); a wheel carries the files themselves
-CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Refuse ``group=option`` overrides (``model=resnet5``, ``backend=minkowsky``, sweeps included) whose option
+    has no file in ``conf/<group>/``, before hydra composes anything.
+
+    Raises:
+        UsageError: naming the group, the unknown option and the options that exist.
+    """
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = config_dir / key.lstrip("+~")
+        if "." in key or "/" in key or not group.is_dir() or value in ("", "null"):
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in choices:
+                raise UsageError(f"unknown {key.lstrip('+~')} {option!r}; choose one of {', '.join(choices)} "
+                                 f"(files in conf/{group.name}/)")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
+    # hydra reports a job's exception with its own traceback; a user error leaves here as one line instead.
+    run_reporting_usage_errors(COMMAND, lambda: _pretrain_and_report(cfg))
+
+
+def _pretrain_and_report(cfg: DictConfig) -> None:
     summary = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except UsageError as error:
+        exit_with_usage_error(COMMAND, error)
+    _hydra_main()
 
 
 if __name__ == "__main__":

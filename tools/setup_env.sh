@@ -30,5 +30,5 @@ else
   log "python dependencies already installed"
 fi
 log "MinkowskiEngine"
-$PY tools/install_minkowski.py --jobs "${MAX_JOBS:-$(nproc)}"
+.venv/bin/sparkme-install-minkowski --jobs "${MAX_JOBS:-$(nproc)}"
 $PY -c "import MinkowskiEngine, sparkme; print('environment ready: sparkme', sparkme.__version__, '| backends:', sparkme.available_backends())"

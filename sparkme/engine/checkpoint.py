@@ -8,10 +8,13 @@ a crash (even ``kill -9``) mid-write leaves the previous checkpoint intact. Load
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
+
+from sparkme.errors import UsageError
 
 LATEST = "latest.pt"
 
@@ -43,7 +46,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is truncated, not a checkpoint, or contains pickled objects beyond plain data.
+        UsageError (a ValueError): the file is truncated, not a checkpoint, or holds pickled objects beyond
+            plain data.
     """
     path = Path(path)
     if not path.is_file():
@@ -51,12 +55,24 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise ValueError(
-            f"{str(path)!r} is not a loadable sparkme checkpoint (truncated, not a checkpoint, or it holds "
-            f"pickled objects that weights_only=True refuses): {str(error).splitlines()[0]}") from error
+        raise UsageError(f"{str(path)!r} is not a loadable sparkme checkpoint: {_load_failure(error)}") from error
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{str(path)!r} is not a sparkme checkpoint: expected a dict with a 'model' entry")
+        raise UsageError(f"{str(path)!r} is not a sparkme checkpoint: expected a dict with a 'model' entry")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line, without torch's advice to load the file
+    unsafely (a file of unknown origin must never be unpickled)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused or "Weights only load failed" in text:
+        what = f" ({refused.group(1)})" if refused else ""
+        return (f"it holds pickled Python objects{what} beyond tensors and plain values, which sparkme refuses "
+                "to load (weights_only=True); only load files written by sparkme or re-save the weights as a "
+                "plain state dict")
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"the file is truncated or not a torch checkpoint ({first})"
 
 
 def check_compatible(model_state: dict, expected: dict, source: str) -> None:
@@ -73,5 +89,5 @@ def check_compatible(model_state: dict, expected: dict, source: str) -> None:
             parts.append(f"unexpected keys {unexpected[:3]}")
         if shapes:
             parts.append(f"shape mismatches {shapes[:3]}")
-        raise ValueError(f"checkpoint {source!r} does not fit this model (another model or config?): "
+        raise UsageError(f"checkpoint {source!r} does not fit this model (another model or config?): "
                          + "; ".join(parts))

@@ -1,21 +1,165 @@
-"""Start-up checks of a pretraining config: every user error is found here, before a model is built or data read."""
+"""Start-up checks of a pretraining config: every user error is found here, before a model is built or data read.
+
+Each check raises ``UsageError`` naming the setting, the bad value and what is accepted; ``sparkme-pretrain``
+prints it as one line and exits with status 2. Checks that need a model build it on the ``meta`` device (shapes
+only, no memory, no time), and checkpoint files are memory-mapped, so start-up stays fast for large models.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from sparkme.errors import UsageError
+from sparkme.masking import check_image_size, check_mask_ratio
+from sparkme.sparse.registry import BACKEND_NAMES, get_backend
+
+AMP_CHOICES = (None, "bf16", "fp16")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+WANDB_MODES = ("offline", "online", "disabled")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ``UsageError`` naming the first bad value of ``cfg`` and what is accepted."""
-    if int(cfg.trainer.batch_size) < 1:
-        raise UsageError(f"trainer.batch_size must be >= 1, got {cfg.trainer.batch_size}")
-    if int(cfg.trainer.accum_steps) < 1:
-        raise UsageError(f"trainer.accum_steps must be >= 1, got {cfg.trainer.accum_steps}")
-    if cfg.trainer.amp not in (None, "bf16", "fp16"):
-        raise UsageError(f"trainer.amp must be null, bf16 or fp16, got {cfg.trainer.amp!r}")
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
-        raise UsageError(f"resume={cfg.resume!r}: use resume=auto or the path of an existing checkpoint")
+def _as_usage_error(check, *args):
+    """Run a library check that raises ValueError and re-raise it as a user error (same message)."""
+    try:
+        return check(*args)
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    trainer = cfg.trainer
+    for key in ("batch_size", "accum_steps"):
+        value = trainer[key]
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+    if trainer.max_steps is not None and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
+        raise UsageError(f"trainer.max_steps must be null or an integer >= 1, got {trainer.max_steps!r}")
+    if trainer.max_steps is None and (not isinstance(trainer.epochs, int) or trainer.epochs < 1):
+        raise UsageError(f"trainer.epochs must be an integer >= 1, got {trainer.epochs!r}")
+    if trainer.amp not in AMP_CHOICES:
+        raise UsageError(f"trainer.amp must be null, bf16 or fp16, got {trainer.amp!r}")
+    device = str(trainer.device)
+    if device not in DEVICE_CHOICES:
+        raise UsageError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu or auto")
+
+
+def check_images_and_mask(cfg: DictConfig) -> None:
+    size = cfg.image_size
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise UsageError(f"image_size must be an integer (square images), got {size!r}")
+    if size <= 0 or size % 32:
+        raise UsageError(f"image size {size}x{size} is not supported: both sides must be positive multiples of 32 "
+                         "(e.g. 224)")
+    _as_usage_error(check_image_size, size, size)
+    ratio = cfg.mask_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+        raise UsageError(f"mask_ratio must be a number in [0, 1), got {ratio!r}")
+    _as_usage_error(check_mask_ratio, ratio)
+
+
+def check_backend(cfg: DictConfig) -> None:
+    name = cfg.backend.name
+    if name not in BACKEND_NAMES:
+        raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    try:
+        get_backend(name)
+    except ImportError as error:
+        raise UsageError(str(error).replace("\n", " ")) from error
+
+
+def check_logger(cfg: DictConfig) -> None:
+    mode = cfg.logger.get("wandb_mode")
+    if mode is not None and mode not in WANDB_MODES:
+        raise UsageError(f"logger.wandb_mode must be offline, online or disabled, got {mode!r}")
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The data folder of ``data=imagefolder`` exists, holds images, and its first image decodes."""
+    if "root" not in cfg.data:
+        return
+    try:
+        root = cfg.data.root
+    except MissingMandatoryValue:
+        raise UsageError(f"data={cfg.data.name} needs data.root=/path/to/images (a folder of images, flat or "
+                         "one sub-folder per class)") from None
+    from sparkme.data.imagefolder import IMAGE_SUFFIXES
+
+    folder = Path(str(root)).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"data.root {str(folder)!r} does not exist or is not a directory")
+    first = next((p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), None)
+    if first is None:
+        raise UsageError(f"data.root {str(folder)!r} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    from PIL import Image
+
+    try:
+        with Image.open(first) as image:
+            image.load()
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for a broken file
+        raise UsageError(f"data.root {str(folder)!r}: the first image {str(first)!r} cannot be read "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         "the folder must hold images PIL can decode") from error
+
+
+def check_model(cfg: DictConfig) -> torch.nn.Module:
+    """Build the configured model on the ``meta`` device: an unknown name or bad setting fails here, in no time."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    node["backend"] = "masked"  # the state-dict layout is the same on every backend; masked needs no library
+    try:
+        with torch.device("meta"):
+            return instantiate(OmegaConf.create(node))
+    except Exception as error:  # noqa: BLE001 - hydra wraps the builder's error
+        cause: BaseException = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, ValueError | TypeError):
+            raise UsageError(f"model: {str(cause).splitlines()[0]}") from error
+        raise
+
+
+def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """``resume=PATH`` (or the run's own latest checkpoint under ``resume=auto``) is a readable sparkme checkpoint
+    of this very model."""
+    from sparkme.engine.checkpoint import LATEST, check_compatible, load_checkpoint
+
+    if cfg.resume is None:
+        return
+    if cfg.resume == "auto":
+        path = Path(str(cfg.run_dir)) / "checkpoints" / LATEST if cfg.get("run_dir") else None
+        if path is None or not path.is_file():
+            return  # nothing to resume yet: a fresh start
+    else:
+        path = Path(str(cfg.resume)).expanduser()
+        if not path.is_file():
+            raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
+                             "checkpoint")
+    state = _as_usage_error(load_checkpoint, path)
+    _as_usage_error(check_compatible, state["model"], model.state_dict(), str(path))
+
+
+def check_config(cfg: DictConfig, build_model: bool = True) -> None:
+    """Raise ``UsageError`` naming the first bad value of ``cfg`` and what is accepted.
+
+    Args:
+        cfg: the composed pretraining config.
+        build_model: also check the model name and settings and the ``resume=`` file against the model (builds the
+            model on the ``meta`` device).
+    """
+    check_trainer(cfg)
+    check_images_and_mask(cfg)
+    check_backend(cfg)
+    check_logger(cfg)
+    check_data(cfg)
+    if build_model:
+        model = check_model(cfg)
+        check_resume(cfg, model)

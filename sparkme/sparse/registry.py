@@ -9,7 +9,8 @@ from sparkme.sparse.context import MaskContext
 
 _BACKENDS = {
     "minkowski": ("sparkme.sparse.minkowski_backend", "MinkowskiMap",
-                  "install MinkowskiEngine with `python tools/install_minkowski.py`"),
+                  "install MinkowskiEngine with `sparkme-install-minkowski` (in a checkout: "
+                  "`python tools/install_minkowski.py`)"),
     "torch": ("sparkme.sparse.torch_backend", "TorchSparseMap", "needs only torch"),
     "masked": ("sparkme.sparse.masked_backend", "MaskedDenseMap", "needs only torch"),
 }
