@@ -1,0 +1,165 @@
+"""Where do float32 gradients of a sparse ResNet-50 lose accuracy? (not part of CI; the numbers are in README.md)
+
+Runs the setting of ``tests/test_encoders.py`` (randomised BN affines and running stats, batch 2, 224x224, random
+projections of the 4 feature maps drawn **in float64** and cast) and compares every parameter gradient with the
+float64 masked oracle:
+
+- ``masked``, ``torch``, ``minkowski`` in float32, as they are;
+- ``torch`` in float32 with its gather-GEMM convolutions and BatchNorm computed in float64 (cast back to float32):
+  if the kernels' own float32 accumulation were the cause, this would bring ``torch`` down to ``masked``;
+- float64 ``masked`` with every conv and BN output rounded to float32 (``.float().double()``): float32's rounding
+  error injected into exact arithmetic, so the spread over implementations is the problem's own sensitivity;
+- float32 ``masked`` with the two images swapped (an equally valid summation order).
+
+Errors are reported two ways per tensor: ``max|err| / max|truth|`` (the test suite's ``relative_error``) and
+``||err|| / ||truth||``, plus ``||truth|| / ||all gradients of the encoder||`` to show how small the bad tensors are.
+
+    .venv/bin/python tools/float32_study.py [--ratios 0.6,0.9] [--model resnet50] [--top 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from sparkme import SparseEncoder, random_mask
+from sparkme.models import sparse_apply
+from sparkme.sparse import masked_backend, ops, torch_backend
+
+
+def randomise_affine(model: torch.nn.Module) -> torch.nn.Module:
+    """As tests/test_encoders.py: non-trivial norm affines and running statistics."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        for name in ("weight", "bias", "running_mean", "gamma"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+                with torch.no_grad():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (name == "weight"))
+        if getattr(module, "running_var", None) is not None:
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return model
+
+
+def inputs(ratio: float, batch: int = 2, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    return images, random_mask(batch, size // 32, size // 32, ratio, generator=generator)
+
+
+def gradients(dense, backend, images, mask, dtype) -> dict[str, torch.Tensor]:
+    """Parameter gradients (float64) of ``sum_i <feature_i, projection_i>`` with float64-drawn projections."""
+    encoder = SparseEncoder.from_dense(copy.deepcopy(dense).to(dtype), backend=backend).train()
+    features = encoder(images.to(dtype), mask)
+    generator = torch.Generator().manual_seed(2)
+    projections = [torch.randn(f.shape, generator=generator, dtype=torch.float64).to(dtype) for f in features]
+    sum((f * p).sum() for f, p in zip(features, projections)).backward()
+    return {name: p.grad.double() for name, p in encoder.named_parameters()}
+
+
+@contextlib.contextmanager
+def float64_kernels():
+    """The torch backend's gather-GEMM / depthwise / 1x1 convs and every BatchNorm computed in float64."""
+    gather_conv = torch_backend.gather_conv
+
+    def linear64(features, conv):
+        bias = None if conv.bias is None else conv.bias.double()
+        return F.linear(features.double(), conv.weight.flatten(1).double(), bias).to(features.dtype)
+
+    def conv64(features, neighbours, weight, bias, groups, same_sites):
+        out = gather_conv(features.double(), neighbours, weight.double(), None if bias is None else bias.double(),
+                          groups, same_sites)
+        return out.to(features.dtype)
+
+    def bn64(x, bn):
+        rows = x.visible_rows(x.features)
+        mean, var = bn.running_mean.double(), bn.running_var.double()
+        out = F.batch_norm(rows.double(), mean, var, bn.weight.double(), bn.bias.double(), bn.training,
+                           bn.momentum, bn.eps)
+        with torch.no_grad():
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+        return x.from_visible_rows(out.to(rows.dtype))
+
+    with mock.patch.object(torch_backend, "gather_conv", conv64), mock.patch.object(torch_backend, "linear_conv1x1",
+                                                                                      linear64), \
+            mock.patch.dict(sparse_apply._HANDLERS, {torch.nn.BatchNorm2d: bn64}):
+        yield
+
+
+@contextlib.contextmanager
+def float32_rounding_in_float64(seed: int):
+    """float64 masked arithmetic, but each conv and BN output rounded to float32 and nudged by one float32 ulp
+    in a random direction (``seed``): a model of float32 rounding error with exact arithmetic everywhere else."""
+    conv, batch_norm = masked_backend.MaskedDenseMap.conv2d, ops.batch_norm
+    generator = torch.Generator().manual_seed(seed)
+
+    def rounded(x):
+        features = x.features
+        noise = torch.rand(features.shape, generator=generator, dtype=torch.float64) - 0.5
+        return x.with_features(features.float().double() * (1 + noise * 2.0 ** -23))
+
+    with mock.patch.object(masked_backend.MaskedDenseMap, "conv2d", lambda self, c: rounded(conv(self, c))), \
+            mock.patch.dict(sparse_apply._HANDLERS, {torch.nn.BatchNorm2d: lambda x, bn: rounded(batch_norm(x, bn))}):
+        yield
+
+
+def errors(actual: dict, truth: dict) -> dict[str, tuple[float, float, float]]:
+    """name -> (max-relative error, norm-relative error, ||truth|| / ||all truth||)."""
+    total = math.sqrt(sum(float(t.square().sum()) for t in truth.values()))
+    out = {}
+    for name, t in truth.items():
+        diff = actual[name] - t
+        out[name] = (float(diff.abs().max() / t.abs().max()), float(diff.norm() / t.norm()), float(t.norm()) / total)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--ratios", default="0.6,0.9")
+    parser.add_argument("--top", type=int, default=8, help="worst tensors listed per variant")
+    parser.add_argument("--noise-seeds", type=int, default=3)
+    args = parser.parse_args()
+    dense = randomise_affine(getattr(torchvision.models, args.model)())
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        images, mask = inputs(ratio)
+        truth = gradients(dense, "masked", images, mask, torch.float64)
+        variants = {name: gradients(dense, name, images, mask, torch.float32) for name in ("masked", "torch",
+                                                                                           "minkowski")}
+        with float64_kernels():
+            variants["torch, float64 kernels+BN"] = gradients(dense, "torch", images, mask, torch.float32)
+        swapped = gradients(dense, "masked", images.flip(0), mask.flip(0), torch.float32)
+        variants["masked, images swapped"] = swapped
+        for seed in range(args.noise_seeds):
+            with float32_rounding_in_float64(seed):
+                variants[f"float64 + float32 rounding #{seed}"] = gradients(dense, "masked", images, mask,
+                                                                           torch.float64)
+        print(f"\n=== {args.model}, mask ratio {ratio}: gradient errors vs float64 masked ===")
+        print(f"{'variant':36s} {'worst max-rel':>13s} {'worst norm-rel':>14s} {'#>1e-3':>7s} {'#>1e-2':>7s}"
+              f"  worst tensor (norm-rel, its share of ||grad||)")
+        table = {}
+        for name, grads in variants.items():
+            err = errors(grads, truth)
+            table[name] = err
+            worst = max(err, key=lambda k: err[k][1])
+            print(f"{name:36s} {max(e[0] for e in err.values()):13.2e} {err[worst][1]:14.2e} "
+                  f"{sum(e[1] > 1e-3 for e in err.values()):7d} {sum(e[1] > 1e-2 for e in err.values()):7d}"
+                  f"  {worst} ({err[worst][1]:.2e}, {err[worst][2]:.1e})")
+        print(f"\nworst {args.top} tensors of 'torch' (norm-relative error) and the same tensors elsewhere:")
+        names = sorted(table["torch"], key=lambda k: -table["torch"][k][1])[:args.top]
+        print(f"{'tensor':28s} {'share':>8s} " + " ".join(f"{v[:14]:>14s}" for v in table))
+        for name in names:
+            print(f"{name:28s} {table['torch'][name][2]:8.1e} "
+                  + " ".join(f"{table[v][name][1]:14.2e}" for v in table))
+
+
+if __name__ == "__main__":
+    main()
