@@ -66,11 +66,12 @@ def _load_failure(error: Exception) -> str:
     unsafely (a file of unknown origin must never be unpickled)."""
     text = str(error)
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if refused or "Weights only load failed" in text:
-        what = f" ({refused.group(1)})" if refused else ""
-        return (f"it holds pickled Python objects{what} beyond tensors and plain values, which sparkme refuses "
-                "to load (weights_only=True); only load files written by sparkme or re-save the weights as a "
-                "plain state dict")
+    if refused:
+        return (f"it holds pickled Python objects ({refused.group(1)}) beyond tensors and plain values, which "
+                "sparkme refuses to load (weights_only=True); only load files written by sparkme or re-save the "
+                "weights as a plain state dict")
+    if "Weights only load failed" in text:  # torch's unpickler met bytes that are no pickle it knows
+        return "the file is corrupt, truncated or not a torch checkpoint"
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"the file is truncated or not a torch checkpoint ({first})"
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
 from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
@@ -83,13 +82,12 @@ def check_logger(cfg: DictConfig) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     """The data folder of ``data=imagefolder`` exists, holds images, and its first image decodes."""
-    if "root" not in cfg.data:
+    if "root" not in cfg.data.keys():
         return
-    try:
-        root = cfg.data.root
-    except MissingMandatoryValue:
+    if OmegaConf.is_missing(cfg.data, "root"):
         raise UsageError(f"data={cfg.data.name} needs data.root=/path/to/images (a folder of images, flat or "
-                         "one sub-folder per class)") from None
+                         "one sub-folder per class)")
+    root = cfg.data.root
     from sparkme.data.imagefolder import IMAGE_SUFFIXES
 
     folder = Path(str(root)).expanduser()
