@@ -48,7 +48,20 @@ class LightDecoder(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    """SparK's ``LightDecoder.initialize``: truncated normal (std 0.02, cut at +-2, i.e. in effect untruncated) for
+    ``Conv2d`` (the 3x3 convs and the final 1x1 projection), kaiming fan-out for the ``ConvTranspose2d`` up-samplers
+    only, zero biases, norms at weight 1 / bias 0.
+
+    The small projection matters: with kaiming fan-out it would start 40-50x larger and the loss at initialisation
+    would be ~12 instead of SparK's ~1 (the prediction ~0 of a per-patch-normalised target).
+    """
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.ConvTranspose2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+        nn.init.ones_(module.weight)
+    else:
+        return
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
