@@ -35,7 +35,8 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
             continue
         key, value = arg.split("=", 1)
         group = config_dir / key.lstrip("+~")
-        if "." in key or "/" in key or not group.is_dir() or value in ("", "null"):
+        # hydra's sweep functions (choice(...), glob(...)) and interpolations are left to hydra itself
+        if "." in key or "/" in key or not group.is_dir() or value in ("", "null") or any(c in value for c in "()[]${"):
             continue
         choices = sorted(p.stem for p in group.glob("*.yaml"))
         for option in value.split(","):
