@@ -1,84 +1,62 @@
 """Sparse encoders converted from dense torchvision / timm backbones, and their export back to dense.
 
->>> enc = SparseEncoder.from_dense(torchvision.models.resnet50(), backend="minkowski")
+>>> enc = SparseEncoder.from_dense(timm.create_model("resnet50"), backend="minkowski")
 >>> feats = enc(images, mask)   # 4 dense maps (B, C_i, H/s, W/s), s = 4, 8, 16, 32; zeros at masked sites
->>> dense = enc.to_dense()      # a torchvision ResNet again, loading the sparse weights with strict=True
+>>> dense = enc.to_dense()      # the dense model again, loading the sparse weights with strict=True
 
-The encoder registers the dense model's own modules under their own names (minus the classifier head), so its
-state dict keys and shapes are exactly the dense model's: export is a ``load_state_dict(strict=True)``.
+The dense model's forward is traced with ``torch.fx`` up to its four feature levels (``feature_levels``); every
+operation that touches a sparse map is checked against the op table (``sparse_ops``) at conversion. The encoder
+registers the modules that graph uses under their own dotted names, so its state dict keys and shapes are exactly
+the dense model's (minus the unused head): export is a ``load_state_dict(strict=True)``.
 """
 
 from __future__ import annotations
 
 import copy
 
-import timm.models.convnext as timm_convnext
-import timm.models.resnet as timm_resnet
 import torch
-import torchvision.models.resnet as tv_resnet
 from torch import nn
 
 from sparkme.masking import check_image_size
-from sparkme.models.sparse_apply import apply_module, check_supported
+from sparkme.models.feature_levels import feature_levels
+from sparkme.models.sparse_graph import _last_uses, check_graph, run_graph, trace_to_features
 from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext
 from sparkme.sparse.registry import get_backend
 
-# family name -> (dense classes, stem child names, stage child names, normalisation SparK densifies with)
-FAMILIES: dict[str, tuple[tuple[type, ...], tuple[str, ...], tuple[str, ...], str]] = {
-    "resnet": ((tv_resnet.ResNet, timm_resnet.ResNet), ("conv1", "bn1", "relu", "act1", "maxpool"),
-               ("layer1", "layer2", "layer3", "layer4"), "bn"),
-    "convnext": ((timm_convnext.ConvNeXt,), ("stem",), ("stages",), "ln"),
-}
-
-
-def _family_of(model: nn.Module) -> str:
-    for family, (classes, *_rest) in FAMILIES.items():
-        if isinstance(model, classes):
-            return family
-    supported = ", ".join(f"{c.__module__}.{c.__name__}" for classes, *_ in FAMILIES.values() for c in classes)
-    raise TypeError(f"unsupported backbone {type(model).__module__}.{type(model).__name__}; supported: {supported}")
-
-
-def _last_conv_channels(module: nn.Module) -> int:
-    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-
 
 class SparseEncoder(nn.Module):
-    """A ResNet or ConvNeXt backbone that runs on the visible patches only.
+    """A timm (or torchvision ResNet) backbone that runs on the visible patches only.
 
     Args:
-        dense_model: a torchvision/timm ResNet or a timm ConvNeXt (V1 or V2); it is copied, never modified.
+        dense_model: a torchvision ResNet or a timm ConvNet with ``feature_info`` at strides 4, 8, 16, 32 whose
+            operations are all in ``sparkme.models.sparse_ops``; it is copied, never modified.
         backend: ``"minkowski"``, ``"torch"`` or ``"masked"`` (see ``sparkme.available_backends()``).
+
+    Raises:
+        UsageError: the model lacks a feature level, or uses an operation (or a layer setting) without sparse
+            semantics; the message names it and its module path.
     """
 
     def __init__(self, dense_model: nn.Module, backend: str = "minkowski"):
         super().__init__()
-        self.family = _family_of(dense_model)
         self.backend = backend
-        _, stem_names, stage_names, self.densify_norm = FAMILIES[self.family]
+        levels = feature_levels(dense_model)
         model = copy.deepcopy(dense_model)
         # The template is kept out of the module tree: it only supplies the head and the class on export.
         self.__dict__["_dense_template"] = copy.deepcopy(dense_model)
-        self.stem_names = [n for n in stem_names if getattr(model, n, None) is not None]
-        for name in self.stem_names:
-            self.add_module(name, getattr(model, name))
-        if self.family == "convnext":
-            self.stages = model.stages
-            self.norm_pre = model.norm_pre
-            self.stage_modules = list(self.stages)
-        else:
-            for name in stage_names:
-                self.add_module(name, getattr(model, name))
-            self.stage_modules = [getattr(self, n) for n in stage_names]
-        if len(self.stage_modules) != 4:
-            raise TypeError(f"expected 4 stages, found {len(self.stage_modules)}")
-        for name, child in self.named_children():
-            check_supported(child, prefix=name)
-        self.feature_info = [
-            dict(num_chs=_last_conv_channels(stage), reduction=2 ** (i + 2), module=f"stage{i}")
-            for i, stage in enumerate(self.stage_modules)
-        ]
+        traced = trace_to_features(model, [level["module"] for level in levels])
+        for name, child in traced.named_children():
+            self.add_module(name, child)
+        for name, _ in traced.named_parameters(recurse=False):
+            raise RuntimeError(f"top-level parameter {name!r} is not supported")
+        graph = traced.graph
+        check_graph(graph, self)
+        self.__dict__["_graph"] = graph
+        self.__dict__["_last_uses"] = _last_uses(graph)
+        self.feature_info = levels
+        # SparK's densifying norm follows the encoder's own: LayerNorm for ConvNeXt, BatchNorm for the rest.
+        self.densify_norm = "ln" if any(isinstance(m, nn.LayerNorm) for m in self.modules()) else "bn"
 
     @classmethod
     def from_dense(cls, dense_model: nn.Module, backend: str = "minkowski") -> SparseEncoder:
@@ -112,13 +90,7 @@ class SparseEncoder(nn.Module):
         if mask.shape[0] != images.shape[0]:
             raise ValueError(f"mask batch {mask.shape[0]} does not match images batch {images.shape[0]}")
         x = self._map_class.from_images(images, MaskContext(mask, images.shape[2:]))
-        for name in self.stem_names:
-            x = apply_module(getattr(self, name), x)
-        features = []
-        for stage in self.stage_modules:
-            x = apply_module(stage, x)
-            features.append(x)
-        return features
+        return list(run_graph(self.__dict__["_graph"], self, x, self.__dict__["_last_uses"]))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Returns 4 dense tensors ``(B, C_i, H/s, W/s)`` for s = 4, 8, 16, 32, exactly zero at masked sites."""

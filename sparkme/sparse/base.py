@@ -3,15 +3,16 @@
 A ``SparseMap`` is the set of visible sites of a feature map at one tensor stride plus their features. Pointwise
 operations (1x1 conv, Linear, norms, activations, layer scale, residual add) are plain torch ops on ``features``,
 whose **last dimension is channels** for every backend, so they are shared code (``sparkme.sparse.ops``). Only
-spatial operations (k x k conv, strided conv, pooling) and densifying are backend work.
+spatial operations (k x k conv, strided conv, pooling) and densifying are backend work; their gather-GEMM kernels
+live in ``sparkme.sparse.kernels``.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from sparkme.sparse.context import MaskContext
 
@@ -50,6 +51,23 @@ class SparseMap(abc.ABC):
     def num_channels(self) -> int:
         return self.features.shape[-1]
 
+    @property
+    def unmasked_features(self) -> torch.Tensor:
+        """``features`` for reads that only use visible sites (per-site maths, ``visible_rows``): the masked-dense
+        backend may hold anything at its masked sites here, since it zeroes them only where the maths reads them
+        (spatial ops, per-sample sums, densifying, ``features``), as SparK does. True-sparse backends have no masked
+        sites: this is ``features``."""
+        return self.features
+
+    def map_features(self, fn: Callable[[torch.Tensor], torch.Tensor], keeps_zeros: bool = False) -> SparseMap:
+        """The same sites with features ``fn(features)`` for a per-site ``fn`` (Linear, activation, norm, scale).
+
+        Args:
+            keeps_zeros: ``fn`` maps a zero site to zero (ReLU, GELU, ...): a masked-dense map whose masked sites
+                were zero still has them zero and need not be masked again.
+        """
+        return self.with_features(fn(self.unmasked_features))
+
     @abc.abstractmethod
     def visible_rows(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` features of the visible sites only (for statistics such as BatchNorm's)."""
@@ -76,6 +94,10 @@ class SparseMap(abc.ABC):
         """Max pooling over visible neighbours only."""
 
     @abc.abstractmethod
+    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
+        """Average pooling: the mean over the *visible* sites of each window (masked sites are not counted)."""
+
+    @abc.abstractmethod
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, C, H/stride, W/stride)`` dense tensor; masked sites hold ``fill`` ``(C,)`` (zeros when None)."""
 
@@ -84,6 +106,16 @@ class SparseMap(abc.ABC):
         if not isinstance(other, SparseMap) or other.stride != self.stride or other.context is not self.context:
             raise ValueError("can only add sparse maps of the same forward pass and stride")
         return self.with_features(self.features + other.features)
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(B, C, H/stride, W/stride)``: the dense shape this map stands for (read by traced ``x.shape[0]``)."""
+        return torch.Size((self.context.batch_size, self.num_channels, *self.context.grid_size(self.stride)))
+
+    def per_sample_mean(self) -> torch.Tensor:
+        """``(B, C)`` mean of each image's features over its own visible sites (channel attention's pooling)."""
+        counts = self.dense_mask().sum(dim=(1, 2)).clamp(min=1)
+        return self.per_sample_sum(self.features) / counts[:, None].to(self.features.dtype)
 
     def dense_mask(self) -> torch.Tensor:
         """``(B, H/stride, W/stride)`` bool, True = visible."""
@@ -105,132 +137,3 @@ def conv_taps(conv: torch.nn.Conv2d) -> tuple[int, int, int]:
             "and dilation 1"
         )
     return kh, sh, padding[0]
-
-
-class _SubmanifoldDepthwise(torch.autograd.Function):
-    """Stride-1 depthwise conv on visible rows, one tap at a time: memory O(N*C) instead of the O(N*K*C)
-    im2col buffer (a 7x7 ConvNeXt conv would otherwise store 49 gathered copies of its input for backward).
-
-    With equal input and output sites, input i sees output j at offset +d exactly when j sees i at -d, so the
-    input gradient is the same op on ``grad_out`` with the kernel mirrored: a gather, never a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(features, taps, weight)
-        return _depthwise_taps(features, taps, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        features, taps, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_features = _depthwise_taps(grad_out, taps, weight.flip(0)) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[2]:
-            padded = _with_missing_row(features)
-            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])
-        return grad_features, None, grad_weight
-
-
-class _GatherGemmConv(torch.autograd.Function):
-    """k x k conv as gather (im2col on visible rows) + one GEMM, saving only the input rows for backward: the
-    ``(N_out, K*C_in)`` columns are rebuilt in backward instead of being kept alive (they are ~K times the input).
-
-    For a stride-1 (same sites) conv the input gradient is again a gather + GEMM with the kernel mirrored and
-    transposed; only strided convs need a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, features, table, weight, same_sites: bool):
-        ctx.same_sites = same_sites
-        ctx.save_for_backward(features, table, weight)
-        return _gather_rows(features, table) @ _gemm_weight(weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        features, table, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        c_out, c_in, k, _ = weight.shape
-        grad_features = grad_weight = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = (_gather_rows(features, table).t() @ grad_out).reshape(k, k, c_in, c_out)
-            grad_weight = grad_weight.permute(3, 2, 0, 1)
-        if ctx.needs_input_grad[0]:
-            if ctx.same_sites:
-                mirrored = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, k, k)
-                grad_features = _gather_rows(grad_out, table) @ _gemm_weight(mirrored)
-            else:
-                grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)
-                padded = features.new_zeros(features.shape[0] + 1, c_in)
-                grad_features = padded.index_add_(0, table.reshape(-1), grad_columns)[:-1]
-        return grad_features, None, grad_weight, None
-
-
-def _with_missing_row(features: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """``(N, C)`` -> ``(N + 1, C)``: row ``N`` is what a neighbour table's "missing" entry reads."""
-    return torch.cat([features, features.new_full((1, features.shape[1]), fill)])
-
-
-def _gather_rows(features: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``(N_in, C)`` rows through a ``(N_out, K)`` table (``N_in`` = zeros) -> ``(N_out, K*C)`` columns."""
-    padded = _with_missing_row(features)
-    return padded[table].reshape(table.shape[0], -1)
-
-
-def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Dense ``(C_out, C_in, k, k)`` -> ``(k*k*C_in, C_out)`` matching ``_gather_rows``' tap-major columns."""
-    c_out, c_in, k, _ = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)
-
-
-def _depthwise_taps(features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``sum_k features[taps[k]] * weight[k]``: ``(N, C)``, ``(K, N)`` (N = missing), ``(K, C)`` -> ``(N, C)``."""
-    padded = _with_missing_row(features)
-    out = torch.zeros_like(features)
-    for tap, tap_weight in zip(taps, weight):
-        out.addcmul_(padded[tap], tap_weight)
-    return out
-
-
-def gather_conv(
-    features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
-    same_sites: bool,
-) -> torch.Tensor:
-    """Sparse k x k convolution as one gather and one GEMM, or a tap-by-tap depthwise product (custom autograd
-    functions above keep only the input rows for backward).
-
-    Args:
-        features: ``(N_in, C_in)`` input rows.
-        neighbours: ``(N_out, K)`` rows read by each output tap; ``N_in`` means "missing" (reads zeros).
-        weight: dense ``(C_out, C_in/groups, k, k)`` with ``K = k*k`` taps ordered ``ky*k + kx``.
-        bias: ``(C_out,)`` or None.
-        groups: 1 (dense) or ``C_in == C_out`` (depthwise).
-        same_sites: output sites are the input sites (a stride-1, submanifold conv).
-
-    Returns:
-        ``(N_out, C_out)``.
-    """
-    c_out, c_in_per_group, k, _ = weight.shape
-    if groups == 1:
-        out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, same_sites)
-    elif groups == c_out == features.shape[1] and c_in_per_group == 1:
-        tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
-        if same_sites:
-            out = _SubmanifoldDepthwise.apply(features.contiguous(), neighbours.t().contiguous(), tap_weight)
-        else:
-            padded = _with_missing_row(features)
-            out = torch.einsum("nkc,kc->nc", padded[neighbours], tap_weight)
-    else:
-        raise ValueError(f"unsupported groups={groups} for {c_out} output channels: use 1 or depthwise")
-    return out if bias is None else out + bias
-
-
-def gather_max_pool(features: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-    """Max over the visible neighbours: ``(N_in, C)`` and ``(N_out, K)`` -> ``(N_out, C)``."""
-    padded = _with_missing_row(features, float("-inf"))
-    return padded[neighbours].amax(dim=1)
-
-
-def linear_conv1x1(features: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """A 1x1 stride-1 conv on channels-last features is one GEMM, identical for every backend."""
-    return F.linear(features, conv.weight.flatten(1), conv.bias)

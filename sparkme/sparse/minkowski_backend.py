@@ -2,8 +2,8 @@
 
 Weights stay in the dense ``nn.Conv2d`` layout (one layout for every backend, so checkpoints move between backends
 and export to dense models unchanged); ``dense_to_minkowski_kernel`` gives MinkowskiEngine's view of them at call
-time. Depthwise convolutions gather through MinkowskiEngine's own kernel map (its channelwise conv module is a
-Python loop over the k*k offsets).
+time. Grouped and depthwise convolutions, and average pooling, gather through MinkowskiEngine's own kernel map
+(its channelwise conv module is a Python loop over the k*k offsets, and it has no grouped conv).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import warnings
 
 import torch
 
-from sparkme.sparse.base import SparseMap, conv_taps, gather_conv, linear_conv1x1
+from sparkme.sparse.base import SparseMap, conv_taps
 from sparkme.sparse.context import MaskContext, conv_geometry
+from sparkme.sparse.kernels import gather_avg_pool, gather_conv, linear_conv1x1
 
 try:
     with warnings.catch_warnings():
@@ -108,7 +109,7 @@ class MinkowskiMap(SparseMap):
         if kernel == 1 and stride == 1:
             return self.with_features(linear_conv1x1(self.tensor.F, conv))
         if conv.groups > 1:
-            return self._depthwise(conv, kernel, stride)
+            return self._gathered(conv, kernel, stride)
         generator = self._kernel_generator(kernel, stride)
         out_key = ME.CoordinateMapKey(self.tensor.coordinate_map_key.get_coordinate_size())
         out = ME.MinkowskiConvolutionFunction.apply(
@@ -119,12 +120,19 @@ class MinkowskiMap(SparseMap):
             out = out + conv.bias
         return self._wrap(out, out_key, stride)
 
-    def _depthwise(self, conv: torch.nn.Conv2d, kernel: int, stride: int) -> MinkowskiMap:
+    def _strided_table(self, kernel: int, stride: int):
+        """Output key at ``stride`` times this map's and the ``(N_out, k*k)`` table into this map's rows."""
         manager, in_key = self.tensor.coordinate_manager, self.tensor.coordinate_map_key
+        out_key = manager.stride(in_key, [stride] * DIMENSION)
+        table = self.context.cached(("me_nbr", str(in_key), str(out_key), kernel),
+                                    lambda: self._neighbours(in_key, out_key, kernel, stride))
+        return out_key, table
+
+    def _gathered(self, conv: torch.nn.Conv2d, kernel: int, stride: int) -> MinkowskiMap:
+        """A grouped (or depthwise) conv as a gather through ME's kernel map and per-group GEMMs."""
+        in_key = self.tensor.coordinate_map_key
         if stride > 1:
-            out_key = manager.stride(in_key, [stride] * DIMENSION)
-            table = self.context.cached(("me_nbr", str(in_key), str(out_key), kernel),
-                                        lambda: self._neighbours(in_key, out_key, kernel, stride))
+            out_key, table = self._strided_table(kernel, stride)
             out = gather_conv(self.tensor.F, table, conv.weight, conv.bias, conv.groups, same_sites=False)
             return self._wrap(out, out_key, stride)
         # MinkowskiEngine stores rows in hash order; 49 random-access gathers per layer are cache-hostile, so the
@@ -166,6 +174,16 @@ class MinkowskiMap(SparseMap):
         pool = ME.MinkowskiMaxPooling(kernel_size=kernel_size, stride=stride, dimension=DIMENSION)
         out = pool(self.tensor)
         return MinkowskiMap(self.context, self.stride * stride, out)
+
+    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> MinkowskiMap:
+        conv_geometry(kernel_size, stride, padding)
+        if stride == 1:
+            key = self.tensor.coordinate_map_key
+            order, inverse, table = self.context.cached(("me_dw", str(key), kernel_size),
+                                                        lambda: self._sorted_neighbours(key, kernel_size))
+            return self.with_features(gather_avg_pool(self.tensor.F[order], table)[inverse])
+        out_key, table = self._strided_table(kernel_size, stride)
+        return self._wrap(gather_avg_pool(self.tensor.F, table), out_key, stride)
 
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
         batch = self.context.batch_size

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from sparkme.sparse.base import SparseMap, conv_taps, gather_conv, gather_max_pool, linear_conv1x1
+from sparkme.sparse.base import SparseMap, conv_taps
 from sparkme.sparse.context import MaskContext
+from sparkme.sparse.kernels import gather_avg_pool, gather_conv, gather_max_pool, linear_conv1x1
 
 
 class TorchSparseMap(SparseMap):
@@ -57,6 +58,10 @@ class TorchSparseMap(SparseMap):
     def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
         table = self.context.neighbours(self.stride, kernel_size, stride, padding)
         return TorchSparseMap(self.context, self.stride * stride, gather_max_pool(self._features, table))
+
+    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
+        table = self.context.neighbours(self.stride, kernel_size, stride, padding)
+        return TorchSparseMap(self.context, self.stride * stride, gather_avg_pool(self._features, table))
 
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
         mask = self.dense_mask()

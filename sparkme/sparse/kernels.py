@@ -1,0 +1,169 @@
+"""Gather-GEMM kernels of the true-sparse backends (``torch``, and ``minkowski`` for grouped convs and pooling).
+
+Every function works on ``(N, C)`` feature rows and a neighbour table ``(N_out, K)`` whose entry ``N_in`` (one past
+the last row) means "missing" (a masked or out-of-image site). The autograd functions keep only the input rows for
+backward, rebuilding the gathered columns there instead of storing them (they are ~K times the input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _SubmanifoldDepthwise(torch.autograd.Function):
+    """Stride-1 depthwise conv on visible rows, one tap at a time: memory O(N*C) instead of the O(N*K*C)
+    im2col buffer (a 7x7 ConvNeXt conv would otherwise store 49 gathered copies of its input for backward).
+
+    With equal input and output sites, input i sees output j at offset +d exactly when j sees i at -d, so the
+    input gradient is the same op on ``grad_out`` with the kernel mirrored: a gather, never a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features, taps, weight)
+        return _depthwise_taps(features, taps, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        features, taps, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_features = _depthwise_taps(grad_out, taps, weight.flip(0)) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            padded = _with_missing_row(features)
+            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])
+        return grad_features, None, grad_weight
+
+
+class _GatherGemmConv(torch.autograd.Function):
+    """k x k conv as gather (im2col on visible rows) + one GEMM, saving only the input rows for backward: the
+    ``(N_out, K*C_in)`` columns are rebuilt in backward instead of being kept alive (they are ~K times the input).
+
+    For a stride-1 (same sites) conv the input gradient is again a gather + GEMM with the kernel mirrored and
+    transposed; only strided convs need a scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, features, table, weight, same_sites: bool):
+        ctx.same_sites = same_sites
+        ctx.save_for_backward(features, table, weight)
+        return _gather_rows(features, table) @ _gemm_weight(weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        features, table, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        c_out, c_in, k, _ = weight.shape
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_weight = (_gather_rows(features, table).t() @ grad_out).reshape(k, k, c_in, c_out)
+            grad_weight = grad_weight.permute(3, 2, 0, 1)
+        if ctx.needs_input_grad[0]:
+            if ctx.same_sites:
+                mirrored = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, k, k)
+                grad_features = _gather_rows(grad_out, table) @ _gemm_weight(mirrored)
+            else:
+                grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)
+                padded = features.new_zeros(features.shape[0] + 1, c_in)
+                grad_features = padded.index_add_(0, table.reshape(-1), grad_columns)[:-1]
+        return grad_features, None, grad_weight, None
+
+
+def _with_missing_row(features: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """``(N, C)`` -> ``(N + 1, C)``: row ``N`` is what a neighbour table's "missing" entry reads."""
+    return torch.cat([features, features.new_full((1, features.shape[1]), fill)])
+
+
+def _gather_rows(features: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``(N_in, C)`` rows through a ``(N_out, K)`` table (``N_in`` = zeros) -> ``(N_out, K*C)`` columns."""
+    padded = _with_missing_row(features)
+    return padded[table].reshape(table.shape[0], -1)
+
+
+def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Dense ``(C_out, C_in, k, k)`` -> ``(k*k*C_in, C_out)`` matching ``_gather_rows``' tap-major columns."""
+    c_out, c_in, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+
+
+def _depthwise_taps(features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``sum_k features[taps[k]] * weight[k]``: ``(N, C)``, ``(K, N)`` (N = missing), ``(K, C)`` -> ``(N, C)``."""
+    padded = _with_missing_row(features)
+    out = torch.zeros_like(features)
+    for tap, tap_weight in zip(taps, weight):
+        out.addcmul_(padded[tap], tap_weight)
+    return out
+
+
+def gather_conv(
+    features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+    same_sites: bool,
+) -> torch.Tensor:
+    """Sparse k x k convolution as one gather and one GEMM, a tap-by-tap depthwise product, or a batched GEMM per
+    group (custom autograd functions above keep only the input rows for backward).
+
+    Args:
+        features: ``(N_in, C_in)`` input rows.
+        neighbours: ``(N_out, K)`` rows read by each output tap; ``N_in`` means "missing" (reads zeros).
+        weight: dense ``(C_out, C_in/groups, k, k)`` with ``K = k*k`` taps ordered ``ky*k + kx``.
+        bias: ``(C_out,)`` or None.
+        groups: any divisor of ``C_in`` and ``C_out`` (1 = dense, ``C_in == C_out`` = depthwise).
+        same_sites: output sites are the input sites (a stride-1, submanifold conv).
+
+    Returns:
+        ``(N_out, C_out)``.
+    """
+    c_out, c_in_per_group, k, _ = weight.shape
+    if groups == 1:
+        out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, same_sites)
+    elif groups == c_out == features.shape[1] and c_in_per_group == 1:
+        tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
+        if same_sites:
+            out = _SubmanifoldDepthwise.apply(features.contiguous(), neighbours.t().contiguous(), tap_weight)
+        else:
+            padded = _with_missing_row(features)
+            out = torch.einsum("nkc,kc->nc", padded[neighbours], tap_weight)
+    else:
+        out = _grouped_gather_conv(features, neighbours, weight, groups)
+    return out if bias is None else out + bias
+
+
+def _grouped_gather_conv(features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor,
+                         groups: int) -> torch.Tensor:
+    """Grouped conv (ResNeXt, RegNet) as one batched GEMM over the groups: ``(G, N_out, K*C_in/G)`` columns times
+    ``(G, K*C_in/G, C_out/G)`` weights. Plain autograd: grouped layers are narrow, so their columns are small."""
+    c_out, c_in_per_group, k, _ = weight.shape
+    n_out, taps = neighbours.shape
+    columns = _with_missing_row(features)[neighbours]  # (N_out, K, C_in)
+    columns = columns.reshape(n_out, taps, groups, c_in_per_group).permute(2, 0, 1, 3)
+    columns = columns.reshape(groups, n_out, taps * c_in_per_group)
+    grouped = weight.reshape(groups, c_out // groups, c_in_per_group, k * k).permute(0, 3, 2, 1)
+    out = torch.bmm(columns, grouped.reshape(groups, taps * c_in_per_group, c_out // groups))
+    return out.permute(1, 0, 2).reshape(n_out, c_out)
+
+
+def gather_max_pool(features: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Max over the visible neighbours: ``(N_in, C)`` and ``(N_out, K)`` -> ``(N_out, C)``."""
+    padded = _with_missing_row(features, float("-inf"))
+    return padded[neighbours].amax(dim=1)
+
+
+def gather_avg_pool(features: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Mean over the *visible* neighbours: ``(N_in, C)`` and ``(N_out, K)`` -> ``(N_out, C)``. Every output site
+    has at least one visible neighbour (its own patch is visible), so the count is never 0."""
+    total = _with_missing_row(features)[neighbours].sum(dim=1)
+    count = (neighbours < features.shape[0]).sum(dim=1, keepdim=True).clamp(min=1)
+    return total / count.to(features.dtype)
+
+
+def linear_conv1x1(features: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A 1x1 stride-1 conv on channels-last features ``(..., C_in)`` is one GEMM (one per group), identical for
+    every backend."""
+    if conv.groups == 1:
+        return F.linear(features, conv.weight.flatten(1), conv.bias)
+    groups, c_out = conv.groups, conv.out_channels
+    grouped = features.reshape(*features.shape[:-1], groups, features.shape[-1] // groups)
+    out = torch.einsum("...gi,goi->...go", grouped, conv.weight.reshape(groups, c_out // groups, -1))
+    out = out.reshape(*features.shape[:-1], c_out)
+    return out if conv.bias is None else out + conv.bias
