@@ -60,8 +60,25 @@ class MaskedDenseMap(SparseMap):
 
     def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> MaskedDenseMap:
         conv_geometry(kernel_size, stride, padding)
-        # Exact only for inputs >= 0 (after ReLU, as in ResNet): masked zeros never exceed a visible maximum.
-        return self._dense_op(lambda x: F.max_pool2d(x, kernel_size, stride, padding), stride)
+        # Masked sites read -inf, not SparK's 0: the max is over visible sites even for negative inputs (LeakyReLU
+        # nets such as CSPNet); after a ReLU both agree. Windows with no visible site are masked afterwards.
+        visible = self.dense_mask()[..., None]
+        blocked = torch.where(visible, self.unmasked_features, float("-inf")).permute(0, 3, 1, 2)
+        out = F.max_pool2d(blocked, kernel_size, stride, padding).permute(0, 2, 3, 1)
+        out_visible = self.context.dense_mask(self.stride * stride)[..., None]
+        return MaskedDenseMap(self.context, self.stride * stride, torch.where(out_visible, out, 0.0),
+                              already_masked=True)
+
+    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> MaskedDenseMap:
+        """Mean over the visible sites of each window: the pooled features divided by the pooled mask (the same
+        divisor cancels, so padding never counts)."""
+        conv_geometry(kernel_size, stride, padding)
+        visible = self._mask_multiplier(self.unmasked_features.dtype).permute(0, 3, 1, 2)
+        total = F.avg_pool2d(self.features.permute(0, 3, 1, 2), kernel_size, stride, padding)
+        count = F.avg_pool2d(visible, kernel_size, stride, padding)
+        out = (total / count.clamp(min=torch.finfo(count.dtype).tiny)).permute(0, 2, 3, 1)
+        return MaskedDenseMap(self.context, self.stride * stride, out)
+
 
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
         return self._fill_masked(self._features.permute(0, 3, 1, 2).contiguous(), fill)
