@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -12,10 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 from PIL import Image
 
+from sparkme.cli import CONFIG_DIR
 from sparkme.data import ImageFolderDataset
+from sparkme.engine import pretrain as engine
 from sparkme.engine.checkpoint import check_compatible, load_checkpoint, save_atomic
+from sparkme.engine.distributed import DistInfo
 from sparkme.models import build_spark, create_backbone
 from sparkme.sparse import get_backend
 
@@ -182,20 +190,93 @@ def test_sigterm_checkpoints_and_exits_cleanly_with_resume_hint(tmp_path):
     assert 1 <= state["step"] < 500
 
 
-def test_kill_9_during_training_then_resume_auto_is_bitwise_identical(tmp_path):
-    common = ["trainer.max_steps=8", "trainer.deterministic=true", "trainer.ckpt_every=1", "trainer.vis_every=0"]
-    subprocess.run(_cli(tmp_path / "straight", *common), cwd=REPO, check=True, capture_output=True)
-    victim = tmp_path / "killed"
-    process = subprocess.Popen(_cli(victim, *common), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _wait_for(victim / "checkpoints" / "latest.pt", process)
-    time.sleep(float(torch.rand(1)) * 2.0)  # a random moment, possibly in the middle of writing a checkpoint
-    process.kill()
-    process.wait()
-    subprocess.run(_cli(victim, *common, "resume=auto"), cwd=REPO, check=True, capture_output=True)
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "latest.pt")
-    resumed = load_checkpoint(victim / "checkpoints" / "latest.pt")
-    assert resumed["step"] == straight["step"] == 8
-    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+def _records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the one wall-clock field, which no two runs share."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+
+
+def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> None:
+    """Return as soon as metrics.jsonl has the line of ``step`` (polled often: the victim keeps training)."""
+    deadline = time.time() + timeout
+    while not any(r.get("step") == step and "loss" in r for r in _records_if_any(run_dir)):
+        assert process.poll() is None, f"the run ended before step {step}: {process.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"step {step} did not appear"
+        time.sleep(0.02)
+
+
+def _records_if_any(run_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if line.endswith("}")]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+def test_kill_9_between_checkpoints_then_resume_auto_gives_the_uninterrupted_log_weights_and_pictures(tmp_path):
+    # ConvNeXt with DropPath: resuming must also restore the RNG that drops the paths.
+    common = ["model=convnext_atto", "model.drop_path_rate=0.1", "trainer.max_steps=14", "trainer.deterministic=true",
+              "trainer.ckpt_every=6", "trainer.log_every=1", "trainer.vis_every=4"]
+    straight = subprocess.Popen(_cli(tmp_path / "straight", *common), cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    victim_dir = tmp_path / "killed"
+    victim = subprocess.Popen(_cli(victim_dir, *common), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    kill_after = random.choice([7, 8])  # between the checkpoints of steps 6 and 12
+    _wait_for_step(victim_dir, kill_after, victim)
+    assert victim.poll() is None, "the victim finished before it could be killed"
+    victim.kill()
+    victim.communicate()
+    assert victim.returncode == -signal.SIGKILL
+    checkpoint_step = load_checkpoint(victim_dir / "checkpoints" / "latest.pt")["step"]
+    killed_steps = [r["step"] for r in _records(victim_dir) if "loss" in r]
+    assert checkpoint_step == 6 and killed_steps[-1] > checkpoint_step, (kill_after, checkpoint_step, killed_steps)
+    assert killed_steps[-1] < 14 and not (victim_dir / "export").exists(), "killed after the end of training"
+
+    resumed = subprocess.run(_cli(victim_dir, *common, "resume=auto"), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
+    assert _records(victim_dir) == _records(tmp_path / "straight"), f"killed after step {kill_after}"
+    assert [r["step"] for r in _records(victim_dir)] == [0, *range(1, 15), 14]  # held-out loss first and last
+    final = {name: load_checkpoint(d / "checkpoints" / "latest.pt") for name, d in
+             (("straight", tmp_path / "straight"), ("resumed", victim_dir))}
+    assert final["resumed"]["step"] == final["straight"]["step"] == 14
+    assert all(torch.equal(final["straight"]["model"][k], final["resumed"]["model"][k])
+               for k in final["straight"]["model"])
+    pictures = {d.name: {p.name: p.read_bytes() for p in (d / "reconstructions").glob("*.png")}
+                for d in (tmp_path / "straight", victim_dir)}
+    assert sorted(pictures["killed"]) == [f"step_{s:07d}.png" for s in (4, 8, 12, 14)]
+    assert pictures["killed"] == pictures["straight"]
+
+
+def test_two_jobs_on_one_run_dir_one_runs_the_other_exits_2_and_a_killed_holder_does_not_block_resume(tmp_path):
+    command = _cli(tmp_path, "trainer.max_steps=100000", "trainer.ckpt_every=1")
+    jobs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    deadline = time.time() + 600
+    while all(job.poll() is None for job in jobs):
+        assert time.time() < deadline, "neither job was refused"
+        time.sleep(0.1)
+    loser = next(job for job in jobs if job.poll() is not None)
+    winner = next(job for job in jobs if job is not loser)
+    _, stderr = loser.communicate()
+    assert loser.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, stderr[-3000:]
+    assert errors[0].startswith(f"sparkme-pretrain: error: run directory {str(tmp_path)!r} is in use by another job: "
+                                f"pid {winner.pid} on host ")
+    assert " since 20" in errors[0] and "run_dir=..." in errors[0]
+
+    _wait_for(tmp_path / "checkpoints" / "latest.pt", winner)
+    assert winner.poll() is None, "the running job stopped"
+    winner.kill()
+    winner.communicate()
+    step = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"]
+    resumed = subprocess.run(_cli(tmp_path, f"trainer.max_steps={step + 1}", "resume=auto"), cwd=REPO,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["start_step"] == step
+    assert f"taking over the lock of pid {winner.pid}" in resumed.stdout + resumed.stderr
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
@@ -205,10 +286,45 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "non-finite loss" in result.stderr and "at step" in result.stderr
     assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["step"] >= 1
-    skipped = subprocess.run(_cli(tmp_path / "skip", "optim.base_lr=1e12", "optim=adamw", "trainer.max_steps=6",
-                                  "trainer.clip_grad=null", "trainer.skip_nonfinite=true"),
-                             cwd=REPO, capture_output=True, text=True)
-    assert skipped.returncode == 0, skipped.stderr[-2000:]
+
+
+def _compose(overrides: list[str], run_dir: Path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["debug=fast", "backend=torch", *overrides])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def test_a_skipped_non_finite_step_leaves_weights_and_optimizer_untouched(tmp_path):
+    run = engine._build(_compose(["trainer.skip_nonfinite=true"], tmp_path), DistInfo())
+    images = next(engine._next_batches(run, 0))
+    before = {k: v.clone() for k, v in run.core.state_dict().items()}
+    assert engine._train_step(run, 0, [torch.full_like(images, float("nan"))]) is None
+    assert all(torch.equal(before[k], v) for k, v in run.core.state_dict().items())
+    assert run.optimizer.state_dict()["state"] == {}
+    assert all(p.grad is None for p in run.core.parameters())
+    metrics = engine._train_step(run, 1, [images])
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in run.core.state_dict().items())
+
+
+def test_skip_nonfinite_skips_the_bad_step_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    real_batches = engine._next_batches
+
+    def poisoned(run, step):  # the images of step index 1 (the second step) are NaN
+        for images in real_batches(run, step):
+            yield images.fill_(float("nan")) if step == 1 else images
+
+    monkeypatch.setattr(engine, "_next_batches", poisoned)
+    cfg = _compose(["trainer.skip_nonfinite=true", "trainer.max_steps=5", "trainer.vis_every=0"], tmp_path)
+    summary = engine.pretrain(cfg)
+    assert "non-finite loss nan at step 1: step skipped" in caplog.text
+    assert summary["step"] == 5 and len(summary["first_losses"]) == 4
+    assert all(math.isfinite(loss) for loss in summary["first_losses"])
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 3, 4, 5]
+    final = load_checkpoint(tmp_path / "checkpoints" / "latest.pt")
+    assert final["step"] == 5 and all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
 
 
 def test_a_failing_torchrun_rank_stops_the_others_without_hanging(tmp_path):

@@ -44,3 +44,12 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_main(value, info: DistInfo):
+    """``value`` as rank 0 has it, on every rank (returned unchanged in a single process)."""
+    if info.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
