@@ -14,6 +14,7 @@ from sparkme.masking import PATCH_SIZE, check_image_size, check_mask_ratio, rand
 from sparkme.models.backbones import create_backbone
 from sparkme.models.decoder import LightDecoder
 from sparkme.models.encoder import SparseEncoder
+from sparkme.models.weights import WeightsReport, load_weights
 from sparkme.sparse import ops
 from sparkme.sparse.base import SparseMap
 
@@ -112,6 +113,12 @@ class SparK(nn.Module):
         if mask is None:
             mask = self.sample_mask(images, generator)
         return spark_loss(images, self.reconstruct_normalised(images, mask), mask)
+
+    def load_weights(self, source: str | dict) -> WeightsReport:
+        """Load weights only from a path or a loaded dict: a sparkme checkpoint, SparK's released files (with the
+        decoder, or the encoder alone: ``*_timm_style``, ``*_official_style``) or a timm / torchvision backbone state
+        dict. Returns what was loaded, kept and ignored; see ``sparkme.models.weights``."""
+        return load_weights(self, source)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor | None = None,
