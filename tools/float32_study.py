@@ -30,7 +30,6 @@ import torch.nn.functional as F
 import torchvision
 
 from sparkme import SparseEncoder, random_mask
-from sparkme.models import sparse_apply
 from sparkme.sparse import masked_backend, ops, torch_backend
 
 
@@ -93,7 +92,7 @@ def float64_kernels():
 
     with mock.patch.object(torch_backend, "gather_conv", conv64), mock.patch.object(torch_backend, "linear_conv1x1",
                                                                                       linear64), \
-            mock.patch.dict(sparse_apply._HANDLERS, {torch.nn.BatchNorm2d: bn64}):
+            mock.patch.object(ops, "batch_norm", bn64):
         yield
 
 
@@ -110,7 +109,7 @@ def float32_rounding_in_float64(seed: int):
         return x.with_features(features.float().double() * (1 + noise * 2.0 ** -23))
 
     with mock.patch.object(masked_backend.MaskedDenseMap, "conv2d", lambda self, c: rounded(conv(self, c))), \
-            mock.patch.dict(sparse_apply._HANDLERS, {torch.nn.BatchNorm2d: lambda x, bn: rounded(batch_norm(x, bn))}):
+            mock.patch.object(ops, "batch_norm", lambda x, bn: rounded(batch_norm(x, bn))):
         yield
 
 
