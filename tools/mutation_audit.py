@@ -55,7 +55,8 @@ def _edit(path: str, *pairs: tuple[str, str]) -> Edit:
     return Edit(path, tuple(pairs))
 
 
-ONES_IN_RUNNING_VAR = "    state = {k: torch.ones_like(v) if k.endswith('running_var') else v for k, v in state.items()}\n"
+ONES_IN_RUNNING_VAR = ("    state = {k: torch.ones_like(v) if k.endswith('running_var') else v\n"
+                       "             for k, v in state.items()}\n")
 FLOAT32_GROUPS = (("tests/test_float32_gradients.py", "-k", "torch"),
                   ("tests/test_encoders.py", "-k", "float32 and (resnet18 or convnext_atto)"))
 
