@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import wandb
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
@@ -24,6 +26,7 @@ from sparkme.data import ImageFolderDataset
 from sparkme.engine import pretrain as engine
 from sparkme.engine.checkpoint import check_compatible, load_checkpoint, save_atomic
 from sparkme.engine.distributed import DistInfo
+from sparkme.engine.logging import MetricsLogger, truncate_metrics
 from sparkme.models import build_spark, create_backbone
 from sparkme.sparse import get_backend
 
@@ -215,14 +218,14 @@ def _records_if_any(run_dir: Path) -> list[dict]:
 
 def test_kill_9_between_checkpoints_then_resume_auto_gives_the_uninterrupted_log_weights_and_pictures(tmp_path):
     # ConvNeXt with DropPath: resuming must also restore the RNG that drops the paths.
-    common = ["model=convnext_atto", "model.drop_path_rate=0.1", "trainer.max_steps=14", "trainer.deterministic=true",
-              "trainer.ckpt_every=6", "trainer.log_every=1", "trainer.vis_every=4"]
+    common = ["model=convnext_atto", "model.drop_path_rate=0.1", "trainer.max_steps=9", "trainer.deterministic=true",
+              "trainer.ckpt_every=4", "trainer.log_every=1", "trainer.vis_every=3"]
     straight = subprocess.Popen(_cli(tmp_path / "straight", *common), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     victim_dir = tmp_path / "killed"
     victim = subprocess.Popen(_cli(victim_dir, *common), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
-    kill_after = random.choice([7, 8])  # between the checkpoints of steps 6 and 12
+    kill_after = random.choice([5, 6])  # between the checkpoints of steps 4 and 8
     _wait_for_step(victim_dir, kill_after, victim)
     assert victim.poll() is None, "the victim finished before it could be killed"
     victim.kill()
@@ -230,22 +233,24 @@ def test_kill_9_between_checkpoints_then_resume_auto_gives_the_uninterrupted_log
     assert victim.returncode == -signal.SIGKILL
     checkpoint_step = load_checkpoint(victim_dir / "checkpoints" / "latest.pt")["step"]
     killed_steps = [r["step"] for r in _records(victim_dir) if "loss" in r]
-    assert checkpoint_step == 6 and killed_steps[-1] > checkpoint_step, (kill_after, checkpoint_step, killed_steps)
-    assert killed_steps[-1] < 14 and not (victim_dir / "export").exists(), "killed after the end of training"
+    assert killed_steps[-1] < 9 and not (victim_dir / "export").exists(), "killed after the end of training"
+    # the log holds lines after the checkpoint: the resume has something to remove (a step takes far longer than
+    # the 20 ms poll, so the kill lands a step after the chosen one at most)
+    assert checkpoint_step == 4 < kill_after <= killed_steps[-1], (kill_after, checkpoint_step, killed_steps)
 
     resumed = subprocess.run(_cli(victim_dir, *common, "resume=auto"), cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
     assert _records(victim_dir) == _records(tmp_path / "straight"), f"killed after step {kill_after}"
-    assert [r["step"] for r in _records(victim_dir)] == [0, *range(1, 15), 14]  # held-out loss first and last
+    assert [r["step"] for r in _records(victim_dir)] == [0, *range(1, 10), 9]  # held-out loss first and last
     final = {name: load_checkpoint(d / "checkpoints" / "latest.pt") for name, d in
              (("straight", tmp_path / "straight"), ("resumed", victim_dir))}
-    assert final["resumed"]["step"] == final["straight"]["step"] == 14
+    assert final["resumed"]["step"] == final["straight"]["step"] == 9
     assert all(torch.equal(final["straight"]["model"][k], final["resumed"]["model"][k])
                for k in final["straight"]["model"])
     pictures = {d.name: {p.name: p.read_bytes() for p in (d / "reconstructions").glob("*.png")}
                 for d in (tmp_path / "straight", victim_dir)}
-    assert sorted(pictures["killed"]) == [f"step_{s:07d}.png" for s in (4, 8, 12, 14)]
+    assert sorted(pictures["killed"]) == [f"step_{s:07d}.png" for s in (3, 6, 9)]
     assert pictures["killed"] == pictures["straight"]
 
 
@@ -277,6 +282,25 @@ def test_two_jobs_on_one_run_dir_one_runs_the_other_exits_2_and_a_killed_holder_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["start_step"] == step
     assert f"taking over the lock of pid {winner.pid}" in resumed.stdout + resumed.stderr
+
+
+def test_a_restart_keeps_the_log_up_to_its_step_and_drops_the_rest_and_half_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": step, "loss": 1.0 / (step + 1)}) + "\n" for step in range(6))
+    path.write_text(whole + '{"step": 6, "lo')  # the victim died while writing step 6
+    assert truncate_metrics(path, 3) == 3
+    assert path.read_text() == "".join(whole.splitlines(keepends=True)[:4])
+    assert truncate_metrics(path, 3) == 0
+    assert truncate_metrics(path, 0) == 4 and path.read_text() == ""  # a fresh start writes step 0 again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_a_resumed_wandb_run_is_rewound_to_the_checkpoint_step(tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: opened.append(kwargs) or SimpleNamespace(id="abc123"))
+    MetricsLogger(tmp_path, "offline", start_step=0)
+    MetricsLogger(tmp_path, "offline", resume_id="abc123", start_step=6)
+    assert [kwargs["resume_from"] for kwargs in opened] == [None, "abc123?_step=6"]
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):

@@ -274,6 +274,7 @@ def _train(run: Run) -> str | None:
     ``trainer.stop_at_step``), or None when it ran to the end."""
     stop = StopRequest()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    run.started = time.time()  # img_per_s counts training steps, not the start-up
     try:
         for step in range(run.start_step, run.total_steps):
             metrics = _train_step(run, step, _next_batches(run, step))
