@@ -1,10 +1,14 @@
-"""Export a pretrained sparse encoder as a dense torchvision / timm state dict.
+"""Export a pretrained sparse encoder as a dense torchvision / timm state dict, or in SparK's own layouts.
 
     sparkme-export ckpt=runs/demo/checkpoints/latest.pt format=torchvision out=resnet18_spark.pt
 
 ``format=torchvision``: loads with ``strict=True`` into ``torchvision.models.<name>()`` (ResNets; the classifier is
 the untrained original). ``format=timm``: the classifier head is excluded; loads with ``strict=True`` into
-``timm.create_model(<name>, num_classes=0)``.
+``timm.create_model(<name>, num_classes=0)``. ``format=spark``: what SparK's downstream code loads — its
+``*_1kpretrained_timm_style.pth`` for ResNets (timm keys, no ``fc``), its ``*_1kpretrained_official_style.pth`` for
+ConvNeXt (facebookresearch keys, no head). ``format=spark_withdecoder`` (command line only): the whole model in
+SparK's ``*_withdecoder_1kpretrained_spark_style.pth`` layout (``{'module': ..., 'arch', 'input_size', ...}``), for
+SparK's ``--init_weight`` and its reconstruction notebook.
 """
 
 from __future__ import annotations
@@ -16,23 +20,44 @@ import torch
 import torchvision
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sparkme.engine.checkpoint import load_checkpoint, save_atomic
+from sparkme.errors import UsageError, run_reporting_usage_errors
 from sparkme.models.backbones import TORCHVISION_RESNETS
 from sparkme.models.encoder import SparseEncoder
+from sparkme.models.spark import SparK
+from sparkme.models.spark_layouts import (
+    backbone_family,
+    convnext_official_to_timm,
+    encoder_to_official,
+    fit_pointwise_convs,
+    sparkme_to_spark,
+)
 
-FORMATS = ("torchvision", "timm")
+COMMAND = "sparkme-export"
+FORMATS = ("torchvision", "timm", "spark")
+CLI_FORMATS = (*FORMATS, "spark_withdecoder")
+ARGUMENTS = ("ckpt", "format", "out")
+USAGE = f"usage: {COMMAND} ckpt=PATH out=PATH [format={'|'.join(CLI_FORMATS)}]"
 HEAD_PREFIXES = ("fc.", "head.fc.")
 
 
 def export_state_dict(encoder: SparseEncoder, model_name: str, fmt: str) -> dict[str, torch.Tensor]:
-    """Dense state dict of ``encoder`` in ``fmt`` (see module docstring), verified by a strict load."""
+    """Dense state dict of ``encoder`` in ``fmt`` (see module docstring), verified by a strict load.
+
+    Raises:
+        UsageError: an unknown format, or one the backbone cannot take.
+    """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    state = encoder.to_dense().state_dict()
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    dense = encoder.to_dense()
+    state = dense.state_dict()
+    if fmt == "spark":
+        return _spark_encoder_state(state, model_name, dense)
     if fmt == "torchvision":
         if model_name not in TORCHVISION_RESNETS:
-            raise ValueError(f"format=torchvision supports {', '.join(TORCHVISION_RESNETS)}; use format=timm "
+            raise UsageError(f"format=torchvision supports {', '.join(TORCHVISION_RESNETS)}; use format=timm "
                              f"for {model_name!r}")
         getattr(torchvision.models, model_name)().load_state_dict(state, strict=True)
         return state
@@ -43,29 +68,107 @@ def export_state_dict(encoder: SparseEncoder, model_name: str, fmt: str) -> dict
     return state
 
 
-def encoder_from_checkpoint(path: str | Path) -> tuple[SparseEncoder, str]:
+def _spark_encoder_state(state: dict[str, torch.Tensor], model_name: str,
+                         dense: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """SparK's downstream layout, checked by mapping it back and loading it strictly into the dense model (whose
+    own classifier head fills the keys SparK's files leave out)."""
+    family = backbone_family(state)
+    if family is None:
+        raise UsageError(f"format=spark is SparK's layout for ResNets and ConvNeXt; use format=timm for {model_name!r}")
+    out = encoder_to_official(state, family)
+    back = fit_pointwise_convs(convnext_official_to_timm(out)[0], state) if family == "convnext" else dict(out)
+    heads = {k: v for k, v in state.items() if k not in back}
+    dense.load_state_dict({**back, **heads}, strict=True)
+    return out
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[SparK, str, int]:
     """Rebuild the SparK model recorded in a pretraining checkpoint (on the ``torch`` backend: nothing compiled
-    is needed to export) and return its encoder and backbone name."""
+    is needed to export); returns it, its backbone name and its image size.
+
+    Raises:
+        UsageError: a missing or unreadable file, or one that is not a sparkme pretraining checkpoint.
+    """
+    if not Path(path).is_file():
+        raise UsageError(f"ckpt={str(path)!r} is not a file; give a sparkme checkpoint such as "
+                         "runs/<name>/checkpoints/latest.pt")
     state = load_checkpoint(path)
+    if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+        raise UsageError(f"{str(path)!r} is not a sparkme pretraining checkpoint: it has no 'config' entry with the "
+                         "model (to convert SparK's own files, load them with init=PATH or SparK.load_weights)")
     cfg = OmegaConf.create(state["config"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
     model_cfg.update(backend="torch", mask_ratio=0.6)
-    model = instantiate(OmegaConf.create(model_cfg))
-    model.load_state_dict(state["model"], strict=True)
-    return model.encoder, model_cfg["model_name"]
+    try:
+        model = instantiate(OmegaConf.create(model_cfg))
+        model.load_state_dict(state["model"], strict=True)
+    except (OmegaConfBaseException, RuntimeError) as error:
+        raise UsageError(f"{str(path)!r} is not a usable sparkme checkpoint: its model does not rebuild "
+                         f"({str(error).strip().splitlines()[0]})") from error
+    return model, model_cfg["model_name"], int(cfg.get("image_size", 224))
+
+
+def encoder_from_checkpoint(path: str | Path) -> tuple[SparseEncoder, str]:
+    """The encoder and backbone name of the model recorded in a pretraining checkpoint."""
+    model, name, _ = model_from_checkpoint(path)
+    return model.encoder, name
+
+
+def spark_withdecoder_state(model: SparK, model_name: str, image_size: int) -> dict:
+    """The whole model as SparK's ``*_withdecoder_1kpretrained_spark_style.pth`` (SparK's meta-information wrapper
+    around its module's state dict)."""
+    state = model.state_dict()
+    family = backbone_family(k[len("encoder."):] for k in state if k.startswith("encoder."))
+    if family is None:
+        raise UsageError(f"format=spark_withdecoder is SparK's layout for ResNets and ConvNeXt, not {model_name!r}")
+    return {"module": sparkme_to_spark(state, family, input_size=image_size), "arch": model_name,
+            "input_size": image_size, "is_pretrain": True}
+
+
+def parse_arguments(argv: list[str]) -> dict[str, str]:
+    """``key=value`` arguments -> a dict with ``ckpt``, ``out`` and ``format`` (default ``timm``).
+
+    Raises:
+        UsageError: a malformed or unknown argument, a missing one, an unknown format.
+    """
+    for arg in argv:
+        if "=" not in arg:
+            raise UsageError(f"argument {arg!r} is not key=value; {USAGE}")
+    try:
+        args = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
+    except OmegaConfBaseException as error:
+        raise UsageError(f"cannot parse arguments {list(argv)}: {str(error).splitlines()[0]}; {USAGE}") from error
+    unknown = sorted(set(args) - set(ARGUMENTS))
+    if unknown:
+        raise UsageError(f"unknown argument {unknown[0]!r}; accepted: ckpt=, out=, format=; {USAGE}")
+    for key in ("ckpt", "out"):
+        if args.get(key) in (None, ""):
+            raise UsageError(f"missing {key}=...; {USAGE}")
+    args.setdefault("format", "timm")
+    if args["format"] not in CLI_FORMATS:
+        raise UsageError(f"unknown format {args['format']!r}; choose one of {', '.join(CLI_FORMATS)}")
+    return {k: str(v) for k, v in args.items()}
+
+
+def export(argv: list[str]) -> Path:
+    """The command: read the checkpoint, convert, write ``out`` atomically; returns the written path."""
+    args = parse_arguments(argv)
+    model, name, image_size = model_from_checkpoint(args["ckpt"])
+    if args["format"] == "spark_withdecoder":
+        state = spark_withdecoder_state(model, name, image_size)
+    else:
+        state = export_state_dict(model.encoder, name, args["format"])
+    try:
+        path = save_atomic(state, args["out"])
+    except OSError as error:
+        raise UsageError(f"cannot write out={args['out']!r}: {error}; give a path in a writable folder") from error
+    print(f"exported {name} ({args['format']} format) to {path}")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
-    for key in ("ckpt", "out"):
-        if key not in args:
-            print(f"sparkme-export: missing {key}=...; usage: sparkme-export ckpt=PATH format=torchvision|timm "
-                  "out=PATH", file=sys.stderr)
-            return 2
-    fmt = args.get("format", "timm")
-    encoder, name = encoder_from_checkpoint(args.ckpt)
-    save_atomic(export_state_dict(encoder, name, fmt), args.out)
-    print(f"exported {name} ({fmt} format) to {args.out}")
+    """Entry point of ``sparkme-export``: bad input ends as one ``sparkme-export: error: ...`` line, status 2."""
+    run_reporting_usage_errors(COMMAND, lambda: export(sys.argv[1:] if argv is None else argv))
     return 0
 
 

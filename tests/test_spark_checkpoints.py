@@ -138,7 +138,7 @@ def test_bad_files_give_one_clear_usage_error(tmp_path):
     truncated = tmp_path / "cut.pth"
     torch.save(official_file("resnet18", with_decoder=False), truncated)
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    with pytest.raises(UsageError, match="truncated or not a torch file"):
+    with pytest.raises(UsageError, match="truncated or not a torch checkpoint"):
         load_weights(model, truncated)
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": Path("x")}, pickled)

@@ -13,13 +13,13 @@ one ``UsageError`` naming the keys.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sparkme.engine.checkpoint import _load_failure as describe_load_failure
 from sparkme.errors import UsageError
 from sparkme.models.spark_layouts import (
     SPARK_ENCODER_PREFIX,
@@ -63,14 +63,7 @@ def read_weights_file(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        text = str(error)
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if refused or "Weights only load failed" in text:
-            reason = (f"it holds pickled Python objects{f' ({refused.group(1)})' if refused else ''} beyond tensors "
-                      "and plain values, which sparkme never loads; save its state dict alone")
-        else:
-            reason = f"truncated or not a torch file ({text.strip().splitlines()[0] if text.strip() else error!r})"
-        raise UsageError(f"cannot read weights file {str(path)!r}: {reason}") from error
+        raise UsageError(f"cannot read weights file {str(path)!r}: {describe_load_failure(error)}") from error
     if not isinstance(state, dict):
         raise UsageError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return state
