@@ -69,6 +69,8 @@ CASES = {
     "not_sparkme_resume": ("sparkme-pretrain", ["resume={not_sparkme}"], "is not a sparkme checkpoint"),
     "missing_resume": ("sparkme-pretrain", ["resume={dir}/missing.pt"], "missing.pt' is not a file"),
     "other_model_resume": ("sparkme-pretrain", ["resume={other_model}"], "does not fit this model"),
+    "init_other_model": ("sparkme-pretrain", ["init={other_model}"], "do not fit this model"),
+    "init_corrupt": ("sparkme-pretrain", ["init={garbage}"], "garbage.pt"),
     "export_corrupt": ("sparkme-export", ["ckpt={garbage}", "out={dir}/x.pt"], "is not a loadable sparkme"),
     "export_missing": ("sparkme-export", ["ckpt={dir}/missing.pt", "out={dir}/x.pt"], "missing.pt"),
     "bench_ratio": ("sparkme-bench", ["--models", "resnet18", "--ratios", "1.5"], "1.5"),

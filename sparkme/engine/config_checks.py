@@ -7,6 +7,7 @@ only, no memory, no time), and checkpoint files are memory-mapped, so start-up s
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -145,13 +146,28 @@ def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
     _as_usage_error(check_compatible, state["model"], model.state_dict(), str(path))
 
 
+def check_init(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """``init=PATH`` is readable and its weights (any layout ``load_weights`` knows: sparkme, SparK's whole-model
+    or encoder-only files) fit this model: the real loader runs on the ``meta`` model, where copying is a no-op."""
+    if not cfg.get("init"):
+        return
+    from sparkme.models.weights import load_weights
+
+    path = Path(str(cfg.init)).expanduser()
+    if not path.is_file():
+        raise UsageError(f"init={cfg.init!r} is not a file: give the path of a sparkme or SparK checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that copying into meta parameters does nothing: intended
+        _as_usage_error(load_weights, model, path)
+
+
 def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     """Raise ``UsageError`` naming the first bad value of ``cfg`` and what is accepted.
 
     Args:
         cfg: the composed pretraining config.
         build_model: also check the model name and settings and the ``resume=`` file against the model (builds the
-            model on the ``meta`` device).
+            model on the ``meta`` device) and the ``resume=`` / ``init=`` files against the model.
     """
     check_trainer(cfg)
     check_images_and_mask(cfg)
@@ -161,3 +177,4 @@ def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     if build_model:
         model = check_model(cfg)
         check_resume(cfg, model)
+        check_init(cfg, model)
