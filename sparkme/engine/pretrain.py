@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -158,9 +160,9 @@ def _check_writable(run_dir: Path) -> None:
     """Fail at start-up, not at the first checkpoint hours later, when the run folder cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(prefix=".write_probe.", dir=run_dir)  # a name of its own: jobs may race
+        os.close(handle)
+        os.unlink(probe)
     except OSError as error:
         raise OSError(f"run_dir {str(run_dir)!r} is not writable ({error.strerror}); choose another with "
                       "run_dir=... or hydra.run.dir=...") from error

@@ -67,6 +67,7 @@ def _write_atomic(path: Path, record: dict) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w") as file:
+            os.fchmod(file.fileno(), 0o644)  # mkstemp makes it private; other users of the directory may read it
             json.dump(record, file)
         os.replace(temporary, path)
     except BaseException:
