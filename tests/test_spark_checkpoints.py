@@ -166,7 +166,8 @@ def test_init_on_the_cli_accepts_the_encoder_only_and_the_whole_spark_layouts(na
     torch.save(official_file(name, with_decoder=False), files[0])
     torch.save(official_file(name, with_decoder=True, width=32), files[1])
     command = [sys.executable, "-m", "sparkme.cli", "-m", "debug=fast", "backend=masked", "data=synthetic",
-               f"model={name}", "model.decoder_width=32", "trainer.max_steps=1", f"init={files[0]},{files[1]}",
+               f"model={name}", "model.decoder_width=32", "trainer.max_steps=1", "export_formats=[]",
+               f"init={files[0]},{files[1]}",
                f"hydra.sweep.dir={tmp_path / 'runs'}"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

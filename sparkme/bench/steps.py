@@ -1,0 +1,88 @@
+"""What is timed: the encoder's forward + backward, and the whole SparK training step as in pretraining.
+
+One SparK model (and one optimizer) serves every variant of a model: the encoder's backend and the dense half's
+speed-ups are attributes switched before each step, so every variant runs on the very same weights and memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+from timm.optim import Lamb, param_groups_weight_decay
+
+from sparkme.bench.timing import synchronize
+from sparkme.models.spark import SparK, build_spark
+
+REFERENCE_STEP = "reference"  # masked backend, plain dense half: SparK's own step
+DECODER_WIDTH = 768  # the paper's
+# Pretraining's optimizer (conf/optim/lamb.yaml, conf/sched/spark.yaml, conf/trainer/default.yaml): LAMB with the
+# global-norm clip done outside it, base lr 2e-4 x batch / 256, weight decay from 0.04, no decay on mask tokens.
+BASE_LR = 2e-4
+WEIGHT_DECAY = 0.04
+CLIP_GRAD = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One timed configuration of the model.
+
+    Attributes:
+        name: the backend name, or ``REFERENCE_STEP``.
+        backend: the encoder's sparse backend.
+        dense_layout: ``SparK.dense_layout`` (memory format of densify and the decoder).
+        dense_autocast: ``SparK.dense_autocast`` (None: the default float32 maths).
+    """
+
+    name: str
+    backend: str
+    dense_layout: str = "auto"
+    dense_autocast: torch.dtype | None = None
+
+    def apply(self, model: SparK) -> None:
+        model.encoder.backend = self.backend
+        model.dense_layout = self.dense_layout
+        model.dense_autocast = self.dense_autocast
+
+
+def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False) -> list[Variant]:
+    """Every backend with the speed-ups, then the reference step (``masked`` with none of them)."""
+    dtype = torch.bfloat16 if bf16 else None
+    return [Variant(b, b, dense_layout, dtype) for b in backends] + [Variant(REFERENCE_STEP, "masked", "contiguous")]
+
+
+def build_model(model_name: str, device: torch.device) -> SparK:
+    """SparK around a fresh ``model_name`` (SparK's drop-path rate) with the paper's width-768 decoder."""
+    return build_spark(model_name, "masked", decoder_width=DECODER_WIDTH).to(device).train()
+
+
+def lamb_betas(model_name: str) -> tuple[float, float]:
+    """SparK's LAMB betas: 0.9/0.999 for ConvNeXt, 0.9/0.95 for ResNet."""
+    return (0.9, 0.999) if model_name.startswith("convnext") else (0.9, 0.95)
+
+
+def make_optimizer(model: SparK, model_name: str, batch: int) -> torch.optim.Optimizer:
+    """timm's LAMB as in pretraining (its default multi-tensor ``foreach`` path)."""
+    groups = param_groups_weight_decay(model, WEIGHT_DECAY, no_weight_decay_list=("mask_token",))
+    return Lamb(groups, lr=BASE_LR * batch / 256, betas=lamb_betas(model_name), max_grad_norm=None)
+
+
+def encoder_step(model: SparK, images: torch.Tensor, mask: torch.Tensor) -> None:
+    """Encoder forward + backward, loss = sum of the means of its 4 dense feature maps."""
+    features = model.encoder(images, mask)
+    sum(f.mean() for f in features).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def train_step(model: SparK, optimizer: torch.optim.Optimizer, images: torch.Tensor, mask: torch.Tensor) -> float:
+    """One pretraining step (forward, backward, clip at 5, LAMB, zero grads); returns the optimizer's seconds."""
+    loss = model(images, mask)
+    loss.backward()
+    synchronize(images.device)
+    start = time.perf_counter()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(images.device)
+    return time.perf_counter() - start
