@@ -39,9 +39,24 @@ class Densify(nn.Module):
         else:
             self.proj = nn.Conv2d(enc_channels, dec_channels, kernel_size, padding=kernel_size // 2, bias=True)
 
-    def forward(self, x: SparseMap) -> torch.Tensor:
+    def forward(self, x: SparseMap, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         x = ops.batch_norm(x, self.norm) if isinstance(self.norm, nn.BatchNorm2d) else ops.layer_norm(x, self.norm)
-        return self.proj(x.to_dense(fill=self.mask_token))
+        return self.proj(x.to_dense(fill=self.mask_token).contiguous(memory_format=memory_format))
+
+
+DENSE_LAYOUTS = ("auto", "channels_last", "contiguous")
+
+
+def dense_memory_format(layout: str, device: torch.device) -> torch.memory_format:
+    """Memory format of the dense half (densify projections, decoder). ``auto``: channels-last on CPU, where
+    oneDNN's NHWC convolutions run the decoder step ~1.2x faster (sparkme-bench), and on CUDA under autocast, where
+    tensor-core kernels are NHWC; contiguous for float32 CUDA (not measured here). Values are equal either way."""
+    if layout not in DENSE_LAYOUTS:
+        raise ValueError(f"dense layout must be one of {', '.join(DENSE_LAYOUTS)}, got {layout!r}")
+    if layout == "auto":
+        fast = device.type == "cpu" or torch.is_autocast_enabled(device.type)
+        layout = "channels_last" if fast else "contiguous"
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
 def patchify(images: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
@@ -83,6 +98,11 @@ class SparK(nn.Module):
         encoder: a ``SparseEncoder`` (any backend).
         decoder: a ``LightDecoder`` whose first 4 widths receive the stride 32, 16, 8, 4 maps.
         mask_ratio: fraction of patches hidden when ``forward`` samples the mask.
+
+    Attributes:
+        dense_layout: memory format of the dense half, one of ``DENSE_LAYOUTS`` (see ``dense_memory_format``).
+        dense_autocast: None (default: the caller's precision) or a dtype, e.g. ``torch.bfloat16``, to run densify
+            and the decoder alone under autocast (opt-in: it changes the maths; the sparse encoder stays exact).
     """
 
     def __init__(self, encoder: SparseEncoder, decoder: LightDecoder, mask_ratio: float = 0.6):
@@ -95,6 +115,8 @@ class SparK(nn.Module):
             Densify(c_enc, c_dec, encoder.densify_norm, kernel_size=1 if i == 0 else 3)
             for i, (c_enc, c_dec) in enumerate(zip(enc_widths, decoder.widths))
         )
+        self.dense_layout = "auto"
+        self.dense_autocast: torch.dtype | None = None
 
     def sample_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, H/32, W/32)`` bool, True = visible, with ``round(h*w*(1-mask_ratio))`` visible per image."""
@@ -104,8 +126,12 @@ class SparK(nn.Module):
     def reconstruct_normalised(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decoder output ``(B, 3, H, W)`` in per-patch-normalised units."""
         features = self.encoder.forward_sparse(images, mask)  # strides 4, 8, 16, 32
-        dense = [densify(f) for densify, f in zip(self.densify, reversed(features))]
-        return self.decoder(dense)
+        layout = dense_memory_format(self.dense_layout, images.device)
+        if self.dense_autocast is None:
+            return self.decoder([densify(f, layout) for densify, f in zip(self.densify, reversed(features))])
+        with torch.autocast(images.device.type, dtype=self.dense_autocast):
+            out = self.decoder([densify(f, layout) for densify, f in zip(self.densify, reversed(features))])
+        return out.to(images.dtype)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
