@@ -10,6 +10,7 @@ import torchvision
 from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
 from sparkme import SparseEncoder, available_backends, random_mask
 from sparkme.errors import UsageError
+from sparkme.errors import UsageError
 from sparkme.masking import mask_at_stride
 from sparkme.sparse import ops, sparse_from_images
 
@@ -183,7 +184,7 @@ def test_unknown_backend_lists_choices():
 
 
 def test_unsupported_backbone_and_layer_are_named():
-    with pytest.raises(UsageError, match="unsupported backbone torchvision.models.vgg.VGG: it has no timm feature_info"):
+    with pytest.raises(UsageError, match="unsupported backbone torchvision.models.vgg.VGG: it has no timm feature"):
         SparseEncoder.from_dense(torchvision.models.vgg11())
     model = timm.create_model("resnet18")
     model.layer2[0].act1 = torch.nn.AdaptiveAvgPool2d(1)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
-from sparkme import SparseEncoder, random_mask
+from sparkme import SparseEncoder, build_spark, random_mask
 from sparkme.errors import UsageError
 from sparkme.masking import mask_at_stride
 from sparkme.models.backbones import TESTED_MODELS
@@ -159,3 +159,15 @@ def test_unsupported_op_and_setting_are_refused_at_conversion_naming_the_module(
     dilated.layer3[1].conv1.dilation, dilated.layer3[1].conv1.padding = (2, 2), (2, 2)
     with pytest.raises(UsageError, match=r"Conv2d at 'layer3.1.conv1'.*dilation 1"):
         SparseEncoder.from_dense(dilated, backend="torch")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_spark_training_step_runs_for_a_new_family(backend):
+    """The decoder is wired from the encoder's feature_info: a SparK step on MobileNetV3 (depthwise, SE with
+    hard-sigmoid, hard-swish) trains every encoder parameter that reaches the features."""
+    model = build_spark("mobilenetv3_large_100", backend=backend, decoder_width=32).to(DEVICE).train()
+    images, mask = _inputs(batch=2, ratio=0.6)
+    loss = model(images.float(), mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())

@@ -11,8 +11,9 @@ exact sparse semantics is refused at conversion, never at the first forward.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import timm.layers
@@ -106,7 +107,7 @@ def _identity(module, x, *args, **kwargs):
     return x
 
 
-MODULE_OPS: dict[type, SparseOp] = {
+MODULE_OPS: Mapping[type, SparseOp] = MappingProxyType({
     nn.Identity: SparseOp(_identity),
     nn.Conv2d: SparseOp(lambda conv, x: x.conv2d(conv), check=_conv_settings),
     nn.BatchNorm2d: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
@@ -119,7 +120,7 @@ MODULE_OPS: dict[type, SparseOp] = {
     timm.layers.DropPath: SparseOp(lambda drop, x: ops.drop_path(x, drop)),
     # Fast path: ConvNeXt's block runs channels-last internally (permute, Linear, LayerNorm), kept as one leaf.
     timm_convnext.ConvNeXtBlock: SparseOp(convnext_leaf.convnext_block, check=convnext_leaf.check_block),
-}
+})
 
 
 def module_op(module: nn.Module) -> SparseOp | None:
@@ -215,15 +216,15 @@ _SCALAR_ARITHMETIC = (operator.add, operator.iadd, torch.add, operator.mul, oper
 _ELEMENTWISE_FUNCTIONS = (F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.mish,
                           F.dropout, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh)
 
-FUNCTION_OPS: dict[Callable, SparseOp] = {
+FUNCTION_OPS: Mapping[Callable, SparseOp] = MappingProxyType({
     **{fn: SparseOp(_binary) for fn in _SCALAR_ARITHMETIC},
     **{fn: SparseOp(_elementwise_function) for fn in _ELEMENTWISE_FUNCTIONS},
     torch.cat: SparseOp(lambda fn, tensors, dim=0: _cat(fn, tensors, dim),
                         check=lambda fn, args, kwargs: _channels_only(args, kwargs, 1, 0)),
     getattr: SparseOp(lambda fn, x, name: getattr(x, name), returns=DENSE, check=_shape_only),
-}
+})
 
-METHOD_OPS: dict[str, SparseOp] = {
+METHOD_OPS: Mapping[str, SparseOp] = MappingProxyType({
     "add": SparseOp(lambda name, a, b: _binary(operator.add, a, b)),
     "mul": SparseOp(lambda name, a, b: _binary(operator.mul, a, b)),
     **{name: SparseOp(_elementwise_method) for name in ("relu", "sigmoid", "tanh", "contiguous", "clone")},
@@ -232,7 +233,7 @@ METHOD_OPS: dict[str, SparseOp] = {
     "chunk": SparseOp(_split, returns=MAPS, check=lambda name, args, kwargs: _channels_only(args, kwargs, 2, 0)),
     "size": SparseOp(lambda name, x, *dim: x.shape if not dim else x.shape[dim[0]], returns=DENSE),
     "expand_as": SparseOp(_expand_as, returns=DENSE),
-}
+})
 
 
 def supported_names() -> str:
