@@ -10,7 +10,6 @@ import torchvision
 from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
 from sparkme import SparseEncoder, available_backends, random_mask
 from sparkme.errors import UsageError
-from sparkme.errors import UsageError
 from sparkme.masking import mask_at_stride
 from sparkme.sparse import ops, sparse_from_images
 
