@@ -107,7 +107,8 @@ def map_to_model(state: dict[str, torch.Tensor], layout: str,
     return {f"encoder.{k}": v for k, v in encoder.items()}, ignored
 
 
-def check_fit(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], required: set[str]) -> None:
+def check_fit(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], required: set[str],
+              source: str = "the weights") -> None:
     """``UsageError`` naming unexpected keys, missing ``required`` keys and shape mismatches (at most 4 each)."""
     problems = []
     unexpected = [k for k in mapped if k not in expected]
@@ -118,7 +119,7 @@ def check_fit(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
         if items:
             problems.append(f"{len(items)} {name}: {items[:4]}")
     if problems:
-        raise UsageError("the weights do not fit this model (another backbone, or model.decoder_width differs from "
+        raise UsageError(f"{source} do not fit this model (another backbone, or model.decoder_width differs from "
                          "the file's: SparK's files use 768)? " + "; ".join(problems))
 
 
@@ -140,7 +141,9 @@ def load_weights(model: nn.Module, source: str | Path | dict) -> WeightsReport:
     mapped = fit_pointwise_convs(mapped, expected)
     ignored.update(skipped)
     whole = layout in ("sparkme", "spark")
-    check_fit(mapped, expected, set(expected) if whole else {f"encoder.{k}" for k in encoder_keys})
+    origin = "the weights" if isinstance(source, dict) else f"the weights of {str(source)!r}"
+    check_fit(mapped, expected, set(expected) if whole else {f"encoder.{k}" for k in encoder_keys},
+              f"{origin} ({LAYOUTS[layout]})")
     model.load_state_dict(mapped, strict=whole)
     return WeightsReport(layout, loaded=sorted(mapped), kept=sorted(set(expected) - set(mapped)), ignored=ignored)
 
