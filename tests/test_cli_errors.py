@@ -33,7 +33,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     whole = _sparkme_checkpoint(root / "whole.pt", "resnet18")
     made["truncated"] = root / "truncated.pt"
     made["truncated"].write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    made["other_model"] = _sparkme_checkpoint(root / "convnext.pt", "convnext_atto")
+    made["other_model"] = _sparkme_checkpoint(root / "resnet34.pt", "resnet34")
     made["pickled"] = root / "pickled.pt"
     torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, made["pickled"])
     made["not_sparkme"] = root / "plain.pt"
