@@ -12,7 +12,6 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import torch
 import torch.fx as fx
 from timm.layers import _fx as timm_fx
 from torch import nn
@@ -167,6 +166,9 @@ def _last_uses(graph: fx.Graph) -> dict[str, list[str]]:
 def run_graph(graph: fx.Graph, root: nn.Module, x: SparseMap, last_uses: dict[str, list[str]]) -> Any:
     """Evaluate a ``check_graph``-ed graph on ``x``, fetching modules and attributes from ``root`` by name."""
     env: dict[str, Any] = {}
+    # One walk of the module tree per forward (not a path lookup per node): modules may have been swapped since
+    # conversion (e.g. SyncBatchNorm), so they are never cached across forwards.
+    modules = dict(root.named_modules())
 
     def value(node: fx.Node) -> Any:
         return env[node.name]
@@ -180,9 +182,10 @@ def run_graph(graph: fx.Graph, root: nn.Module, x: SparseMap, last_uses: dict[st
             args, kwargs = fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value)
             run = node.meta[RUN]
             if node.op == "get_attr":
-                out = _fetch(root, node.target)
+                module_path, _, name = node.target.rpartition(".")
+                out = getattr(modules[module_path], name)
             elif node.op == "call_module":
-                module = root.get_submodule(node.target)
+                module = modules[node.target]
                 out = module(*args, **kwargs) if run is None else run(module, *args, **kwargs)
             elif node.op == "call_function":
                 out = node.target(*args, **kwargs) if run is None else run(node.target, *args, **kwargs)
@@ -193,8 +196,3 @@ def run_graph(graph: fx.Graph, root: nn.Module, x: SparseMap, last_uses: dict[st
         for name in last_uses.get(node.name, ()):
             del env[name]
     raise RuntimeError("graph has no output node")
-
-
-def _fetch(root: nn.Module, target: str) -> torch.Tensor:
-    module_path, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(module_path), name)

@@ -20,7 +20,7 @@ import timm.layers
 import timm.models.convnext as timm_convnext
 import torch
 import torch.nn.functional as F
-from timm.layers.norm_act import BatchNormAct2d
+from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
 from sparkme.models import convnext_leaf
@@ -114,6 +114,7 @@ MODULE_OPS: Mapping[type, SparseOp] = MappingProxyType({
     nn.SyncBatchNorm: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
     # timm's BN + activation: fed the visible rows as (N, C, 1, 1), its activation is per site too.
     BatchNormAct2d: SparseOp(lambda bn, x: ops.batch_norm(x, bn), check=_norm_act_settings),
+    SyncBatchNormAct: SparseOp(lambda bn, x: ops.batch_norm(x, bn), check=_norm_act_settings),
     timm.layers.LayerNorm2d: SparseOp(lambda ln, x: ops.layer_norm(x, ln)),
     nn.MaxPool2d: SparseOp(lambda pool, x: x.max_pool2d(*_pool_args(pool)), check=_pool_settings),
     nn.AvgPool2d: SparseOp(lambda pool, x: x.avg_pool2d(*_pool_args(pool)), check=_pool_settings),
