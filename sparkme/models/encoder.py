@@ -19,7 +19,7 @@ from torch import nn
 
 from sparkme.masking import check_image_size
 from sparkme.models.feature_levels import feature_levels
-from sparkme.models.sparse_graph import _last_uses, check_graph, run_graph, trace_to_features
+from sparkme.models.sparse_graph import check_graph, last_uses, run_graph, trace_to_features
 from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext
 from sparkme.sparse.registry import get_backend
@@ -48,12 +48,14 @@ class SparseEncoder(nn.Module):
         traced = trace_to_features(model, [level["module"] for level in levels])
         for name, child in traced.named_children():
             self.add_module(name, child)
-        for name, _ in traced.named_parameters(recurse=False):
-            raise RuntimeError(f"top-level parameter {name!r} is not supported")
+        for name, parameter in traced.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)  # e.g. a model-level scale read by a get_attr node
+        for name, buffer in traced.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
         graph = traced.graph
         check_graph(graph, self)
         self.__dict__["_graph"] = graph
-        self.__dict__["_last_uses"] = _last_uses(graph)
+        self.__dict__["_last_uses"] = last_uses(graph)
         self.feature_info = levels
         # SparK's densifying norm follows the encoder's own: LayerNorm for ConvNeXt, BatchNorm for the rest.
         self.densify_norm = "ln" if any(isinstance(m, nn.LayerNorm) for m in self.modules()) else "bn"

@@ -151,7 +151,7 @@ def check_graph(graph: fx.Graph, root: nn.Module) -> None:
         kinds[node] = op.returns
 
 
-def _last_uses(graph: fx.Graph) -> dict[str, list[str]]:
+def last_uses(graph: fx.Graph) -> dict[str, list[str]]:
     """Node name -> names of the values no later node reads (freed right after it, as fx's Interpreter does)."""
     last: dict[str, str] = {}
     for node in graph.nodes:
