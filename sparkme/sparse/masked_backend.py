@@ -1,7 +1,11 @@
 """``masked`` backend: SparK's reference semantics on dense tensors, the oracle of every test.
 
-Features are dense channels-last ``(B, H, W, C)`` tensors whose masked sites are kept at exactly zero: every op
-runs densely and its output is multiplied by the mask, as SparK does. BatchNorm statistics use visible sites only.
+Features are dense channels-last ``(B, H, W, C)`` tensors. Every op runs densely; masked sites are zeroed (a multiply
+by the mask) only where the maths reads them, as in SparK's own masked formulation: before a spatial op (conv,
+pooling), a per-sample sum, densifying, and whenever ``features`` is read. Per-site ops (Linear, activations,
+LayerNorm, layer scale) run on the raw tensor (``unmasked_features``) and leave it to be masked later; BatchNorm
+reads visible rows only and writes exact zeros; a residual sum of zeroed maps is zero. So a ResNet block masks
+nowhere (BN follows every conv, ReLU keeps zeros) and a ConvNeXt block once, at its residual add.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ class MaskedDenseMap(SparseMap):
 
     def __init__(self, context, stride: int, features: torch.Tensor, already_masked: bool = False):
         super().__init__(context, stride)
-        self._features = features if already_masked else features * self._mask_multiplier(features.dtype)
+        self._raw = features  # zero at masked sites once self._masked; any value there before
+        self._masked = already_masked
 
     def _mask_multiplier(self, dtype: torch.dtype) -> torch.Tensor:
         return self.context.dense_mask(self.stride)[..., None].to(dtype)
@@ -32,25 +37,40 @@ class MaskedDenseMap(SparseMap):
     def with_features(self, features: torch.Tensor) -> MaskedDenseMap:
         return MaskedDenseMap(self.context, self.stride, features)
 
+    def map_features(self, fn, keeps_zeros: bool = False) -> MaskedDenseMap:
+        return MaskedDenseMap(self.context, self.stride, fn(self._raw), already_masked=keeps_zeros and self._masked)
+
     @property
     def features(self) -> torch.Tensor:
-        return self._features
+        """Zero at masked sites: masked on the first read, then kept (every later reader shares the product)."""
+        if not self._masked:
+            self._raw = self._raw * self._mask_multiplier(self._raw.dtype)
+            self._masked = True
+        return self._raw
+
+    @property
+    def unmasked_features(self) -> torch.Tensor:
+        return self._raw
+
+    def __add__(self, other: SparseMap) -> MaskedDenseMap:
+        summed = super().__add__(other)  # reads both ``features``: zero at masked sites, and so is their sum
+        return MaskedDenseMap(self.context, self.stride, summed.unmasked_features, already_masked=True)
 
     def visible_rows(self, features: torch.Tensor) -> torch.Tensor:
         return features[self.dense_mask()]
 
     def from_visible_rows(self, rows: torch.Tensor) -> MaskedDenseMap:
-        dense = rows.new_zeros(*self._features.shape[:-1], rows.shape[1]).index_put((self.dense_mask(),), rows)
+        dense = rows.new_zeros(*self._raw.shape[:-1], rows.shape[1]).index_put((self.dense_mask(),), rows)
         return MaskedDenseMap(self.context, self.stride, dense, already_masked=True)
 
     def per_sample_sum(self, features: torch.Tensor) -> torch.Tensor:
-        return features.sum(dim=(1, 2))  # masked sites are zero
+        return features.sum(dim=(1, 2))  # ``features`` must be zero at masked sites (derived from ``features``)
 
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
-        return values[:, None, None, :].expand_as(self._features)
+        return values[:, None, None, :].expand(*self._raw.shape[:-1], values.shape[-1])
 
     def _dense_op(self, op, stride: int) -> MaskedDenseMap:
-        out = op(self._features.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = op(self.features.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # masked on first read
         return MaskedDenseMap(self.context, self.stride * stride, out)
 
     def conv2d(self, conv: torch.nn.Conv2d) -> MaskedDenseMap:
@@ -79,6 +99,5 @@ class MaskedDenseMap(SparseMap):
         out = (total / count.clamp(min=torch.finfo(count.dtype).tiny)).permute(0, 2, 3, 1)
         return MaskedDenseMap(self.context, self.stride * stride, out)
 
-
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
-        return self._fill_masked(self._features.permute(0, 3, 1, 2).contiguous(), fill)
+        return self._fill_masked(self.features.permute(0, 3, 1, 2).contiguous(), fill)
