@@ -98,6 +98,22 @@ def float64_kernels():
 
 
 @contextlib.contextmanager
+def float64_minkowski_convs():
+    """MinkowskiEngine's own conv kernels run in float64 (features and kernel cast up, the output cast back)."""
+    from sparkme.sparse import minkowski_backend
+
+    function = minkowski_backend.ME.MinkowskiConvolutionFunction
+
+    class Float64Convolution:
+        @staticmethod
+        def apply(features, kernel, *rest):
+            return function.apply(features.double(), kernel.double(), *rest).to(features.dtype)
+
+    with mock.patch.object(minkowski_backend.ME, "MinkowskiConvolutionFunction", Float64Convolution):
+        yield
+
+
+@contextlib.contextmanager
 def float32_rounding_in_float64(seed: int):
     """float64 masked arithmetic, but each conv and BN output rounded to float32 and nudged by one float32 ulp
     in a random direction (``seed``): a model of float32 rounding error with exact arithmetic everywhere else."""
@@ -141,6 +157,8 @@ def main() -> None:
         truth = gradients(dense, "masked", images, mask, torch.float64)
         variants = {name: gradients(dense, name, images, mask, torch.float32) for name in ("masked", "torch",
                                                                                            "minkowski")}
+        with float64_minkowski_convs():
+            variants["minkowski, float64 ME convs"] = gradients(dense, "minkowski", images, mask, torch.float32)
         if not args.backends_only:
             with float64_kernels():
                 variants["torch, float64 kernels+BN"] = gradients(dense, "torch", images, mask, torch.float32)
