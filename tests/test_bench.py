@@ -1,57 +1,92 @@
-"""The backend benchmark in a tiny CPU configuration: well-formed rows and output files (never timings)."""
+"""The benchmark in a tiny CPU configuration (well-formed rows and output files, never timings), and the exactness of
+the training step's speed-ups."""
 
+import copy
 import csv
 import json
 import math
 import re
 
 import pytest
+import torch
 
-from sparkme.bench import COLUMNS, main, run_benchmark
+from sparkme.bench import COLUMNS, main, run_benchmark, steps
+from sparkme.errors import UsageError
+from sparkme.masking import random_mask
 
 BACKENDS = ["minkowski", "torch", "masked"]
-RATIOS = [0.0, 0.75]
+TINY = dict(batch_sizes=[2], image_size=64, repeats=1, warmup=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def step_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bench")
-    rows = run_benchmark(models=["resnet18"], backends=BACKENDS, ratios=RATIOS, batch_sizes=[2], image_size=64,
-                         repeats=1, warmup=0, device="cpu", include_train_step=False, out_dir=out_dir)
+    rows = run_benchmark(["resnet18"], BACKENDS, [0.5], out_dir=out_dir, decoder_width=32, **TINY)
     return rows, out_dir
 
 
-def test_rows_are_well_formed(tiny_run):
-    rows, _ = tiny_run
-    assert len(rows) == len(BACKENDS) * len(RATIOS)
-    assert {(r["backend"], r["ratio"]) for r in rows} == {(b, r) for b in BACKENDS for r in RATIOS}
+@pytest.fixture(scope="module")
+def encoder_run():
+    return run_benchmark(["resnet18"], BACKENDS, [0.0, 0.75], include_train_step=False, out_dir=None, **TINY)
+
+
+def _finite_positive(value) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def test_step_rows_have_every_backend_then_the_reference_step(step_run):
+    rows, _ = step_run
+    assert [r["backend"] for r in rows] == [*BACKENDS, "reference"]
     for row in rows:
         assert set(row) == set(COLUMNS)
-        assert row["model"] == "resnet18" and row["batch"] == 2 and row["device"] == "cpu"
-        assert math.isfinite(row["img_per_s"]) and row["img_per_s"] > 0
-        assert math.isfinite(row["speedup_vs_masked"]) and row["speedup_vs_masked"] > 0
-        assert row["ideal_speedup"] == pytest.approx(1.0 / (1.0 - row["ratio"]))
-        assert row["mem_kind"] == "cpu_saved_tensors" and row["mem_bytes"] > 0
-        assert row["train_img_per_s"] is None and row["train_speedup_vs_masked"] is None
-        if row["backend"] == "masked":
-            assert row["speedup_vs_masked"] == 1.0 and row["mem_vs_masked"] == 1.0
+        assert (row["model"], row["batch"], row["ratio"], row["device"]) == ("resnet18", 2, 0.5, "cpu")
+        for key in ("step_ms", "step_vs_masked", "step_vs_reference", "opt_ms", "step_mem_bytes",
+                    "step_mem_vs_reference"):
+            assert _finite_positive(row[key]), key
+        # a difference of timings: may even be negative in a one-repeat smoke run
+        assert math.isfinite(row["dense_ms"]) and math.isfinite(row["step_attainable_vs_reference"])
+        assert row["dense_dtype"] == "float32"
+    backends, reference = rows[:-1], rows[-1]
+    for row in backends:
+        assert row["enc_ideal"] == pytest.approx(2.0) and _finite_positive(row["enc_vs_masked"])
+        assert row["dense_layout"] == "channels_last"  # the CPU default of SparK.dense_layout
+    assert reference["dense_layout"] == "contiguous" and reference["enc_ms"] is None
+    assert reference["step_vs_reference"] == 1.0 and reference["step_mem_vs_reference"] == 1.0
+    masked = rows[BACKENDS.index("masked")]
+    assert masked["step_vs_masked"] == 1.0 and masked["enc_vs_masked"] == 1.0
 
 
-def test_true_sparse_backends_hold_less_activation_memory_at_a_higher_mask_ratio(tiny_run):
-    rows, _ = tiny_run
-    memory = {(r["backend"], r["ratio"]): r["mem_bytes"] for r in rows}
+def test_attainable_ratio_is_the_step_with_an_ideal_encoder(step_run):
+    rows, _ = step_run
+    by_name = {r["backend"]: r for r in rows}
+    ideal_encoder_ms = by_name["masked"]["enc_ms"] * by_name["masked"]["visible_frac"]
+    for row in rows:
+        expected_dense = row["step_ms"] - (row["enc_ms"] or by_name["masked"]["enc_ms"])
+        assert row["dense_ms"] == pytest.approx(expected_dense)
+        attainable = by_name["reference"]["step_ms"] / (ideal_encoder_ms + row["dense_ms"])
+        assert row["step_attainable_vs_reference"] == pytest.approx(attainable)
+
+
+def test_encoder_only_run_has_no_step_columns(encoder_run):
+    assert [r["backend"] for r in encoder_run] == BACKENDS * 2
+    for row in encoder_run:
+        assert _finite_positive(row["enc_ms"]) and row["enc_mem_bytes"] > 0
+        assert all(row[k] is None for k in ("step_ms", "step_vs_reference", "opt_ms", "step_mem_bytes"))
+
+
+def test_true_sparse_backends_hold_less_activation_memory_at_a_higher_mask_ratio(encoder_run):
+    memory = {(r["backend"], r["ratio"]): r["enc_mem_bytes"] for r in encoder_run}
     for backend in ("minkowski", "torch"):
         assert memory[(backend, 0.75)] < memory[(backend, 0.0)]
 
 
-def test_output_files(tiny_run):
-    rows, out_dir = tiny_run
+def test_output_files(step_run):
+    rows, out_dir = step_run
     with open(out_dir / "results.csv", newline="") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == COLUMNS
         csv_rows = list(reader)
-    assert len(csv_rows) == len(rows)
-    assert all(r["train_img_per_s"] == "" for r in csv_rows)
+    assert len(csv_rows) == len(rows) and csv_rows[-1]["enc_ms"] == ""
     data = json.loads((out_dir / "results.json").read_text())
     assert len(data["rows"]) == len(rows) and data["rows"][0]["model"] == "resnet18"
     png = (out_dir / "speedup.png").read_bytes()
@@ -59,24 +94,66 @@ def test_output_files(tiny_run):
 
 
 def test_unknown_backend_lists_choices(tmp_path):
-    with pytest.raises(ValueError, match="unknown backend 'spconv'; choose from minkowski, torch, masked"):
-        run_benchmark(["resnet18"], ["spconv"], [0.5], [1], 64, 1, 0, "cpu", False, tmp_path)
+    with pytest.raises(UsageError, match="unknown backend 'spconv'; choose from minkowski, torch, masked"):
+        run_benchmark(["resnet18"], ["spconv"], [0.5], out_dir=tmp_path, **TINY)
     assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--models", "vgg11"], "unknown model 'vgg11'; choose a ResNet"),
+        (["--models", "vgg11"], "unknown model 'vgg11'; choose a timm ResNet or ConvNeXt"),
         (["--ratios", "0.5,1.0"], r"mask ratio must be in \[0, 1\).*got 1.0"),
         (["--image-size", "100"], "image size 100x100 is not supported"),
         (["--batch-sizes", "0"], "batch size must be an integer >= 1, got 0"),
         (["--backends", "torch,spconv"], "unknown backend 'spconv'; choose from minkowski, torch, masked"),
+        (["--device", "tpu"], "unknown device 'tpu'; choose auto, cpu, cuda"),
     ],
 )
-def test_cli_rejects_bad_settings_before_any_work(argv, message, capsys, tmp_path):
+def test_cli_reports_bad_settings_in_one_line_before_any_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert err.startswith("sparkme-bench: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
     assert not (tmp_path / "out").exists()
+
+
+def _two_steps(model, images, mask) -> list[float]:
+    """Losses of two pretraining steps (the second sees the first's LAMB update)."""
+    optimizer = steps.make_optimizer(model, "resnet18", images.shape[0])
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(1)  # the same drop-path draws for every variant
+        losses.append(model(images, mask).item())
+        torch.manual_seed(1)
+        steps.train_step(model, optimizer, images, mask)
+    return losses
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "convnext_atto"])
+def test_training_step_with_every_speed_up_equals_the_plain_step_in_float32(model_name):
+    torch.manual_seed(0)
+    plain = steps.build_model(model_name, torch.device("cpu"), decoder_width=32)
+    fast = copy.deepcopy(plain)
+    steps.Variant("reference", "masked", "contiguous").apply(plain)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = random_mask(2, 2, 2, 0.5, generator=torch.Generator().manual_seed(1))
+    expected = _two_steps(plain, images, mask)
+    for variant in steps.variants(BACKENDS)[:-1]:  # every backend with the default speed-ups (channels-last)
+        model = copy.deepcopy(fast)
+        variant.apply(model)
+        assert _two_steps(model, images, mask) == pytest.approx(expected, rel=1e-5), variant
+
+
+def test_bf16_dense_half_is_opt_in_and_close():
+    torch.manual_seed(0)
+    model = steps.build_model("resnet18", torch.device("cpu"), decoder_width=32).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask = random_mask(2, 2, 2, 0.5, generator=torch.Generator().manual_seed(1))
+    assert model.dense_autocast is None
+    exact = model(images, mask)
+    model.dense_autocast = torch.bfloat16
+    approximate = model(images, mask)
+    assert approximate.dtype == torch.float32 and approximate.item() == pytest.approx(exact.item(), rel=5e-2)

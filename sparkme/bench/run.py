@@ -36,6 +36,7 @@ def run_benchmark(
     out_dir: str | Path | None = "bench_results",
     dense_layout: str = "auto",
     bf16: bool = False,
+    decoder_width: int = steps.DECODER_WIDTH,
 ) -> list[dict]:
     """Benchmark every backend on every model x batch size x mask ratio (see the package docstring).
 
@@ -45,6 +46,7 @@ def run_benchmark(
     Args:
         dense_layout: ``SparK.dense_layout`` of the backends' steps (the reference step is always contiguous).
         bf16: run the backends' dense half under bf16 autocast (opt-in: changes the maths; not the reference).
+        decoder_width: the decoder's first width (the paper's 768; smaller only for smoke tests).
 
     Returns:
         one dict per (model, batch, ratio, variant) with the keys of ``COLUMNS``: one row per backend, then (with
@@ -59,7 +61,7 @@ def run_benchmark(
     rows: list[dict] = []
     for model_name in models:
         torch.manual_seed(SEED)
-        model = steps.build_model(model_name, device)
+        model = steps.build_model(model_name, device, decoder_width)
         for batch in batch_sizes:
             optimizer = steps.make_optimizer(model, model_name, batch) if include_train_step else None
             for ratio in ratios:

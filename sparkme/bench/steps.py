@@ -52,9 +52,9 @@ def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False
     return [Variant(b, b, dense_layout, dtype) for b in backends] + [Variant(REFERENCE_STEP, "masked", "contiguous")]
 
 
-def build_model(model_name: str, device: torch.device) -> SparK:
-    """SparK around a fresh ``model_name`` (SparK's drop-path rate) with the paper's width-768 decoder."""
-    return build_spark(model_name, "masked", decoder_width=DECODER_WIDTH).to(device).train()
+def build_model(model_name: str, device: torch.device, decoder_width: int = DECODER_WIDTH) -> SparK:
+    """SparK around a fresh ``model_name`` (SparK's drop-path rate), by default with the paper's decoder."""
+    return build_spark(model_name, "masked", decoder_width=decoder_width).to(device).train()
 
 
 def lamb_betas(model_name: str) -> tuple[float, float]:
