@@ -68,7 +68,9 @@ def run_benchmark(
                 _progress(f"{model_name} batch {batch} ratio {ratio:g} on {device}")
                 images, mask = _inputs(batch, ratio, image_size, device)
                 measured = _measure(model, optimizer, all_variants, images, mask, repeats, warmup)
-                rows += _rows(model_name, all_variants, measured, images, ratio, repeats, warmup)
+                new_rows = _rows(model_name, all_variants, measured, images, ratio, repeats, warmup)
+                _progress("\n" + format_table(new_rows))  # long runs: each configuration's rows as soon as known
+                rows += new_rows
             del optimizer
         del model
         gc.collect()
