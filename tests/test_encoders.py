@@ -88,19 +88,35 @@ def test_sparse_backends_match_masked_oracle_in_float64(dense_models, model_name
 @pytest.mark.parametrize("ratio", [0.6, 0.9])
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_sparse_backends_in_float32_are_as_accurate_as_the_oracle(dense_models, model_name, ratio):
-    """float32: every output and gradient is within 1e-4 (relative to its max) of the float64 oracle, or at most
-    3x the float32 oracle's own error where rounding dominates (deep train-mode BN stacks: ResNet-50's stem
-    gradient is a sum of large cancelling terms, and the float32 oracle itself is ~1e-2 off there)."""
+    """float32 vs the float64 oracle, same inputs and projections, errors as ||error|| / ||float64 value||: the
+    whole gradient within 1e-4 or 2x the float32 *oracle's* own error; each output and gradient tensor within 1e-4
+    or 3x the oracle's error on that tensor. ResNet-18 and ConvNeXt meet 1e-4 (their oracle is ~5e-6 off).
+    ResNet-50 cannot: train-mode BN over few visible rows (layer4 sees 10 rows at ratio 0.9, batch 2) amplifies
+    float32 rounding ~1e5-1e6x, so every float32 implementation, the oracle included, is 1-6 % off overall and up
+    to 9 % on single tensors, which one being luck; rounding only the activations to float32 in float64 arithmetic
+    reproduces it (tools/float32_study.py, README). Where the oracle shows it (> 1e-3 off overall) the allowance
+    has floors 2-3x above that measured noise, 15 % overall and 25 % per tensor, still far below the >= 50 % of a
+    gradient scaled by 1.5 or negated."""
     images, mask = _inputs(batch=2, ratio=ratio)
     exact = _run(dense_models[model_name], "masked", images, mask, torch.float64)
     oracle32 = _run(dense_models[model_name], "masked", images, mask, torch.float32)
+
+    def error(values, truths):  # ||values - truths|| / ||truths|| over one tensor or a list of them
+        difference = sum(float((v.detach().double() - t).square().sum()) for v, t in zip(values, truths))
+        return (difference / max(sum(float(t.square().sum()) for t in truths), 1e-300)) ** 0.5
+
     for backend in SPARSE_BACKENDS:
         features, grads, _ = _run(dense_models[model_name], backend, images, mask, torch.float32)
         pairs = [(f"scale{i}", features[i], oracle32[0][i], exact[0][i]) for i in range(4)]
         pairs += [(name, grads[name], oracle32[1][name], exact[1][name]) for name in grads]
+        names = list(grads)
+        oracle_whole = error([oracle32[1][n] for n in names], [exact[1][n] for n in names])
+        whole_floor, tensor_floor = (0.15, 0.25) if oracle_whole > 1e-3 else (0.0, 0.0)
+        whole = error([grads[n] for n in names], [exact[1][n] for n in names])
+        assert whole <= max(TOLERANCE, 2 * oracle_whole, whole_floor), (backend, whole, oracle_whole)
         for name, actual, oracle_value, truth in pairs:
-            allowed = max(TOLERANCE, 3 * relative_error(oracle_value.double(), truth))
-            assert relative_error(actual.double(), truth) <= allowed, (backend, name)
+            allowed = max(TOLERANCE, 3 * error([oracle_value], [truth]), tensor_floor)
+            assert error([actual], [truth]) <= allowed, (backend, name)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
