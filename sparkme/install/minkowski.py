@@ -1,10 +1,10 @@
 """Build, cache and install MinkowskiEngine 0.5.4 for the running torch (``sparkme-install-minkowski``).
 
 PyPI only carries the 0.5.4 source distribution (May 2021). It does not import on Python >= 3.10 and its
-``setup.py`` deletes ``build/`` and uninstalls MinkowskiEngine each time it runs. The sdist is fetched from pip's configured
-package index without running any of its code (``sdist.py``; its hash is checked). This tool then applies the
-project's own small patches (among them ``--blas=aten``: the CPU kernels' gemm/axpy run on torch's own BLAS, so no system
-BLAS is needed), builds a wheel once, caches it outside the repository keyed by
+``setup.py`` deletes ``build/`` and uninstalls MinkowskiEngine each time it runs. The sdist is fetched from pip's
+configured package index without running any of its code (``sdist.py``; its hash is checked). This tool then
+applies the project's own small patches (among them ``--blas=aten``: the CPU kernels' gemm/axpy run on torch's own
+BLAS, so no system BLAS is needed), builds a wheel once, caches it outside the repository keyed by
 (MinkowskiEngine version, torch version, CPU/CUDA variant, Python tag) and installs it. A second run only installs
 the cached wheel (seconds); a run where the right build is already installed does nothing.
 
