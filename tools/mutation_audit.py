@@ -212,9 +212,11 @@ def _copy_tree(destination: Path) -> None:
     listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
                              capture_output=True).stdout.decode().split("\0")
     for relative in filter(None, listing):
-        source = REPO / relative
-        if source.is_file():
-            target = destination / relative
+        source, target = REPO / relative, destination / relative
+        if source.is_symlink():  # e.g. sparkme/conf -> ../conf: keep it a link, relative as in the repository
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
 
