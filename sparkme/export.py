@@ -40,7 +40,6 @@ FORMATS = ("torchvision", "timm", "spark")
 CLI_FORMATS = (*FORMATS, "spark_withdecoder")
 ARGUMENTS = ("ckpt", "format", "out")
 USAGE = f"usage: {COMMAND} ckpt=PATH out=PATH [format={'|'.join(CLI_FORMATS)}]"
-HEAD_PREFIXES = ("fc.", "head.fc.")
 
 
 def export_state_dict(encoder: SparseEncoder, model_name: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -63,9 +62,16 @@ def export_state_dict(encoder: SparseEncoder, model_name: str, fmt: str) -> dict
         return state
     import timm
 
-    state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}
+    head = _classifier_prefix(dense)
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
     timm.create_model(model_name, num_classes=0).load_state_dict(state, strict=True)
     return state
+
+
+def _classifier_prefix(dense: torch.nn.Module) -> str:
+    """State-dict prefix of the classifier that ``num_classes=0`` removes: timm names it in ``pretrained_cfg``
+    (``fc``, ``head.fc``, ``classifier``); torchvision's ResNets call it ``fc``."""
+    return getattr(dense, "pretrained_cfg", {}).get("classifier", "fc") + "."
 
 
 def _spark_encoder_state(state: dict[str, torch.Tensor], model_name: str,

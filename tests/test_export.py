@@ -15,6 +15,7 @@ from spark_fixtures import official_convnext_shapes, timm_resnet_shapes
 
 from sparkme.export import export_state_dict, main
 from sparkme.models import LightDecoder, SparK, SparseEncoder, build_spark
+from sparkme.models.backbones import create_backbone
 
 BIN = Path(sys.executable).parent
 CONFIG = {"image_size": 64, "model": {"_target_": "sparkme.models.build_spark", "model_name": "resnet18",
@@ -122,3 +123,14 @@ def test_the_installed_command_reports_without_traceback(bad_files, tmp_path):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("sparkme-export: error: ")]
     assert len(error_lines) == 1 and "is not a loadable sparkme checkpoint" in error_lines[0], output
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "densenet121", "regnety_016"])
+def test_timm_export_drops_the_classifier_timm_names_for_the_family(name):
+    """EfficientNet/DenseNet call it ``classifier``, RegNet ``head.fc``: the export loads strictly into the
+    model without classifier either way, and keeps every other tensor (``conv_head`` included)."""
+    encoder = SparseEncoder.from_dense(create_backbone(name), backend="masked")
+    state = export_state_dict(encoder, name, "timm")
+    dense_keys = set(encoder.to_dense().state_dict())
+    classifier = {k for k in dense_keys if k not in state}
+    assert classifier and all(k.startswith(("classifier.", "head.fc.")) for k in classifier), classifier

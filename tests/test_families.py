@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
 from sparkme import SparseEncoder, build_spark, random_mask
+from sparkme.engine.distributed import to_sync_batchnorm
 from sparkme.errors import UsageError
 from sparkme.masking import mask_at_stride
 from sparkme.models.backbones import TESTED_MODELS
@@ -171,3 +172,16 @@ def test_spark_training_step_runs_for_a_new_family(backend):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
+
+
+def test_sync_batchnorm_conversion_keeps_the_fused_activations_of_timm_families():
+    """``trainer.sync_bn`` converts with timm's converter: RegNet's BatchNormAct2d becomes SyncBatchNormAct with its
+    ReLU, so the loss is unchanged (outside a process group SyncBatchNorm computes plain batch norm)."""
+    torch.manual_seed(0)
+    model = build_spark("regnety_016", backend="masked", decoder_width=32).double()
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    mask = random_mask(2, 2, 2, 0.5, generator=torch.Generator().manual_seed(0))
+    expected = model(images, mask)
+    converted = to_sync_batchnorm(copy.deepcopy(model))
+    assert any(type(m).__name__ == "SyncBatchNormAct" for m in converted.modules())
+    assert torch.equal(converted(images, mask), expected)

@@ -6,6 +6,7 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import timm.layers
 import torch
 import torch.distributed as dist
 
@@ -53,3 +54,10 @@ def broadcast_from_main(value, info: DistInfo):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def to_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every BatchNorm synchronised across processes (``trainer.sync_bn``). timm's converter keeps the
+    activation of its fused ``BatchNormAct2d`` (RegNet, EfficientNet, DenseNet, CSP); torch's own would replace it
+    by a plain ``SyncBatchNorm`` and silently drop the activation."""
+    return timm.layers.convert_sync_batchnorm(model)

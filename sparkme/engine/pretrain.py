@@ -31,7 +31,13 @@ from sparkme.data.sampling import ResumableSampler, SeededItems
 from sparkme.data.transforms import pretrain_transform
 from sparkme.engine.checkpoint import LATEST, check_compatible, load_checkpoint, save_atomic
 from sparkme.engine.config_checks import check_config
-from sparkme.engine.distributed import DistInfo, broadcast_from_main, cleanup_distributed, setup_distributed
+from sparkme.engine.distributed import (
+    DistInfo,
+    broadcast_from_main,
+    cleanup_distributed,
+    setup_distributed,
+    to_sync_batchnorm,
+)
 from sparkme.engine.logging import MetricsLogger
 from sparkme.engine.run_lock import RunLock
 from sparkme.engine.schedule import SparkSchedule
@@ -193,7 +199,7 @@ def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) ->
 
     model = instantiate(cfg.model).to(device)
     if cfg.trainer.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = to_sync_batchnorm(model)
     dataset = SeededItems(instantiate(cfg.data.dataset, transform=pretrain_transform(cfg.image_size)), cfg.seed)
     batch, accum = int(cfg.trainer.batch_size), int(cfg.trainer.accum_steps)
     steps_per_epoch = len(dataset) // world // (batch * accum)

@@ -40,7 +40,9 @@ class Densify(nn.Module):
             self.proj = nn.Conv2d(enc_channels, dec_channels, kernel_size, padding=kernel_size // 2, bias=True)
 
     def forward(self, x: SparseMap, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
-        x = ops.batch_norm(x, self.norm) if isinstance(self.norm, nn.BatchNorm2d) else ops.layer_norm(x, self.norm)
+        # _BatchNorm: SyncBatchNorm too (trainer.sync_bn converts the densify norms along with the encoder's)
+        batch_norm = isinstance(self.norm, nn.modules.batchnorm._BatchNorm)
+        x = ops.batch_norm(x, self.norm) if batch_norm else ops.layer_norm(x, self.norm)
         return self.proj(x.to_dense(fill=self.mask_token).contiguous(memory_format=memory_format))
 
 
