@@ -31,3 +31,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 SPARSE_BACKENDS = [name for name in BACKEND_NAMES if name != "masked"]
 ALL_BACKENDS = list(BACKEND_NAMES)
+
+
+def randomise_affine(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial norm affines, running stats, layer scales and GRN weights, so every parameter matters."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        for name in ("weight", "bias", "running_mean", "gamma"):
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
+                with torch.no_grad():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (name == "weight"))
+        if getattr(module, "running_var", None) is not None:
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
+    return model

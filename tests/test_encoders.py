@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 
-from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
+from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, randomise_affine, relative_error
 from sparkme import SparseEncoder, available_backends, random_mask
 from sparkme.errors import UsageError
 from sparkme.masking import mask_at_stride
@@ -20,20 +20,6 @@ MODELS = {
     "convnextv2_atto": lambda: timm.create_model("convnextv2_atto"),
 }
 TOLERANCE = 1e-4
-
-
-def _randomise_affine(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial norm affines, running stats, layer scales and GRN weights, so every parameter matters."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        for name in ("weight", "bias", "running_mean", "gamma"):
-            tensor = getattr(module, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
-                with torch.no_grad():
-                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (name == "weight"))
-        if getattr(module, "running_var", None) is not None:
-            module.running_var.uniform_(0.5, 1.5, generator=generator)
-    return model
 
 
 def _inputs(batch, ratio, size=(224, 224), seed=0):
@@ -56,7 +42,7 @@ def _forward_backward(encoder, images, mask):
 
 @pytest.fixture(scope="module")
 def dense_models():
-    return {name: _randomise_affine(make()) for name, make in MODELS.items()}
+    return {name: randomise_affine(make()) for name, make in MODELS.items()}
 
 
 def _run(dense, backend, images, mask, dtype):

@@ -23,6 +23,8 @@ import argparse
 import contextlib
 import copy
 import math
+import sys
+from pathlib import Path
 from unittest import mock
 
 import timm
@@ -30,22 +32,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import randomise_affine  # noqa: E402  (the affine randomisation the encoder tests use)
 from sparkme import SparseEncoder, random_mask
 from sparkme.sparse import masked_backend, ops, torch_backend
-
-
-def randomise_affine(model: torch.nn.Module) -> torch.nn.Module:
-    """As tests/test_encoders.py: non-trivial norm affines and running statistics."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        for name in ("weight", "bias", "running_mean", "gamma"):
-            tensor = getattr(module, name, None)
-            if isinstance(tensor, torch.Tensor) and tensor.dim() == 1:
-                with torch.no_grad():
-                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (name == "weight"))
-        if getattr(module, "running_var", None) is not None:
-            module.running_var.uniform_(0.5, 1.5, generator=generator)
-    return model
 
 
 def inputs(ratio: float, batch: int = 2, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
