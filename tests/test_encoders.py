@@ -42,6 +42,11 @@ def _forward_backward(encoder, images, mask):
 
 @pytest.fixture(scope="module")
 def dense_models():
+    # Seeded here: a module fixture is built before the per-test seed, and the float32 checks depend on the draw.
+    # With other random weights float32 gradients of every implementation, the masked oracle included, are
+    # sometimes ~1e-3 off instead of ~3e-6 (ResNet-18, seeds 1-8: masked 6e-3 at seed 1, torch 2e-3 at seed 8):
+    # train-mode BN over few visible rows amplifies rounding, and which implementation it hits is luck (README).
+    torch.manual_seed(0)
     return {name: randomise_affine(make()) for name, make in MODELS.items()}
 
 
