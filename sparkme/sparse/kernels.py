@@ -28,11 +28,12 @@ class _SubmanifoldDepthwise(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         features, taps, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_features = _depthwise_taps(grad_out, taps, weight.flip(0)) if ctx.needs_input_grad[0] else None
-        grad_weight = None
+        grad_features = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_features = _depthwise_taps(grad_out, taps, weight.flip(0).to(grad_out.dtype)).to(features.dtype)
         if ctx.needs_input_grad[2]:
-            padded = _with_missing_row(features)
-            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])
+            padded = _with_missing_row(features.to(grad_out.dtype))
+            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps]).to(weight.dtype)
         return grad_features, None, grad_weight
 
 
@@ -52,13 +53,16 @@ class _GatherGemmConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        features, table, weight = ctx.saved_tensors
+        saved_features, table, saved_weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
+        # Under autocast the forward GEMM ran in bf16/fp16 and grad_out has that dtype, while backward runs outside
+        # autocast: compute in grad_out's dtype, return each gradient in its input's dtype (as autograd requires).
+        features, weight = saved_features.to(grad_out.dtype), saved_weight.to(grad_out.dtype)
         c_out, c_in, k, _ = weight.shape
         grad_features = grad_weight = None
         if ctx.needs_input_grad[2]:
             grad_weight = (_gather_rows(features, table).t() @ grad_out).reshape(k, k, c_in, c_out)
-            grad_weight = grad_weight.permute(3, 2, 0, 1)
+            grad_weight = grad_weight.permute(3, 2, 0, 1).to(saved_weight.dtype)
         if ctx.needs_input_grad[0]:
             if ctx.same_sites:
                 mirrored = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, k, k)
@@ -67,6 +71,7 @@ class _GatherGemmConv(torch.autograd.Function):
                 grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)
                 padded = features.new_zeros(features.shape[0] + 1, c_in)
                 grad_features = padded.index_add_(0, table.reshape(-1), grad_columns)[:-1]
+            grad_features = grad_features.to(saved_features.dtype)
         return grad_features, None, grad_weight, None
 
 
