@@ -47,12 +47,15 @@ def _options(group: str) -> list[str]:
 
 
 def _timm_encoder_facts(name: str, drop_path_rate: float) -> tuple[list, int]:
-    """(channels, reduction) of the four feature levels and the parameter count without the classifier head, from
-    timm's own model built on the meta device (no memory, no compute)."""
+    """(channels, reduction) of the four feature levels and the parameter count of timm's own feature extractor
+    for them (everything up to the stride-32 level, no head), built on the meta device (no memory, no compute)."""
+    kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # DenseNet takes no drop path
     with torch.device("meta"):
-        dense = timm.create_model(name, num_classes=0, drop_path_rate=drop_path_rate)
-    levels = [(f["num_chs"], f["reduction"]) for f in dense.feature_info if f["reduction"] >= 4]
-    return levels, sum(p.numel() for n, p in dense.named_parameters() if not n.startswith(("head.", "fc.")))
+        info = timm.create_model(name, **kwargs).feature_info
+        indices = [i for i, f in enumerate(info) if f["reduction"] >= 4]
+        dense = timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+    levels = list(zip(dense.feature_info.channels(), dense.feature_info.reduction()))
+    return levels, sum(p.numel() for p in dense.parameters())
 
 
 def _check_run_is_what_the_config_says(run, cfg) -> None:

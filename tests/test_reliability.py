@@ -59,7 +59,7 @@ def test_cli_errors_name_the_bad_value(tmp_path):
         ("mask_ratio=1.0",): "mask ratio must be in [0, 1)",
         ("image_size=100",): "image size 100x100 is not supported",
         ("trainer.batch_size=0",): "trainer.batch_size must be an integer >= 1, got 0",
-        ("optim=sgdx",): "Available options in 'optim'",
+        ("optim=sgdx",): "unknown optim 'sgdx'; choose one of adamw, lamb",
         ("data=imagefolder", f"data.root={tmp_path}/missing"): "does not exist or is not a directory",
     }
     for overrides, message in cases.items():

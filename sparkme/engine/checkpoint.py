@@ -70,8 +70,9 @@ def _load_failure(error: Exception) -> str:
         return (f"it holds pickled Python objects ({refused.group(1)}) beyond tensors and plain values, which "
                 "sparkme refuses to load (weights_only=True); only load files written by sparkme or re-save the "
                 "weights as a plain state dict")
-    if "Weights only load failed" in text:  # torch's unpickler met bytes that are no pickle it knows
-        return "the file is corrupt, truncated or not a torch checkpoint"
+    if "Weights only load failed" in text:  # bytes the safe unpickler does not accept: garbage or pickled code
+        return ("the file is corrupt, truncated, not a torch checkpoint, or holds pickled code that "
+                "weights_only=True refuses (sparkme never unpickles code)")
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"the file is truncated or not a torch checkpoint ({first})"
 
