@@ -102,7 +102,7 @@ def test_unknown_backend_lists_choices(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--models", "vgg11"], "unknown model 'vgg11'; choose a timm ResNet or ConvNeXt"),
+        (["--models", "vgg11"], "unknown model 'vgg11'; choose a timm model of a supported family"),
         (["--ratios", "0.5,1.0"], r"mask ratio must be in \[0, 1\).*got 1.0"),
         (["--image-size", "100"], "image size 100x100 is not supported"),
         (["--batch-sizes", "0"], "batch size must be an integer >= 1, got 0"),

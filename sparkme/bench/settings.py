@@ -9,7 +9,7 @@ import torch
 
 from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
-from sparkme.models.backbones import SUPPORTED_PREFIXES
+from sparkme.models.backbones import SUPPORTED_PREFIXES, TESTED_MODELS
 from sparkme.models.spark import DENSE_LAYOUTS
 from sparkme.sparse.registry import BACKEND_NAMES, get_backend
 
@@ -17,10 +17,10 @@ REFERENCE = "masked"  # the backend every ratio is taken against
 
 
 def check_model_name(name: str) -> str:
-    """``name`` when timm has it and sparkme supports its family (ResNet, ConvNeXt V1/V2), else a UsageError."""
+    """``name`` when timm has it and sparkme supports its family (``backbones.TESTED_MODELS``), else a UsageError."""
     if not (name.startswith(SUPPORTED_PREFIXES) and timm.is_model(name)):
-        raise UsageError(f"unknown model {name!r}; choose a timm ResNet or ConvNeXt, e.g. resnet50, resnet200, "
-                         "convnext_small, convnextv2_atto (see timm.list_models('convnext*'))")
+        raise UsageError(f"unknown model {name!r}; choose a timm model of a supported family: "
+                         + ", ".join(f"{family} (e.g. {model})" for family, model in TESTED_MODELS.items()))
     return name
 
 
