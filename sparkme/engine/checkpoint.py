@@ -55,13 +55,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise UsageError(f"{str(path)!r} is not a loadable sparkme checkpoint: {_load_failure(error)}") from error
+        reason = describe_load_failure(error)
+        raise UsageError(f"{str(path)!r} is not a loadable sparkme checkpoint: {reason}") from error
     if not isinstance(state, dict) or "model" not in state:
         raise UsageError(f"{str(path)!r} is not a sparkme checkpoint: expected a dict with a 'model' entry")
     return state
 
 
-def _load_failure(error: Exception) -> str:
+def describe_load_failure(error: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in one line, without torch's advice to load the file
     unsafely (a file of unknown origin must never be unpickled)."""
     text = str(error)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparkme.engine.checkpoint import _load_failure as describe_load_failure
+from sparkme.engine.checkpoint import describe_load_failure
 from sparkme.errors import UsageError
 from sparkme.models.spark_layouts import (
     SPARK_ENCODER_PREFIX,
