@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sparkme.engine.distributed import DEVICE_CHOICES
+from sparkme.engine.logging import WANDB_MODES
 from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
 from sparkme.sparse.registry import BACKEND_NAMES, get_backend
 
 AMP_CHOICES = (None, "bf16", "fp16")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 def _as_usage_error(check, *args):
@@ -55,9 +55,6 @@ def check_images_and_mask(cfg: DictConfig) -> None:
     size = cfg.image_size
     if not isinstance(size, int) or isinstance(size, bool):
         raise UsageError(f"image_size must be an integer (square images), got {size!r}")
-    if size <= 0 or size % 32:
-        raise UsageError(f"image size {size}x{size} is not supported: both sides must be positive multiples of 32 "
-                         "(e.g. 224)")
     _as_usage_error(check_image_size, size, size)
     ratio = cfg.mask_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, int | float):

@@ -10,6 +10,7 @@ import timm.layers
 import torch
 import torch.distributed as dist
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # trainer.device
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -29,7 +30,7 @@ def setup_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
+    if device not in DEVICE_CHOICES:
         raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu")

@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
-
+WANDB_MODES = ("offline", "online", "disabled")  # logger.wandb_mode
 
 def _kept(line: str, start_step: int) -> bool:
     """Whether a line written before a restart at ``start_step`` stays: complete lines up to that step, except on
@@ -73,7 +73,7 @@ class MetricsLogger:
             log.info("%s: removed %d line(s) after step %d, which this run writes again", self.path, removed,
                      start_step)
         self.wandb = None
-        if wandb_mode not in (None, "disabled", "offline", "online"):
+        if wandb_mode is not None and wandb_mode not in WANDB_MODES:
             raise ValueError(f"logger.wandb.mode must be offline, online or disabled, got {wandb_mode!r}")
         if wandb_mode in ("offline", "online"):
             import wandb
