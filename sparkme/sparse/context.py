@@ -66,6 +66,16 @@ class MaskContext:
         """``(N,)`` long: the image each visible site belongs to."""
         return self.coords(stride)[:, 0]
 
+    def flat_sites(self, stride: int) -> torch.Tensor:
+        """``(N,)`` long: each visible site's flat index ``(b * H + y) * W + x`` in the stride-``stride`` grid."""
+
+        def make():
+            coords = self.coords(stride)
+            height, width = self.grid_size(stride)
+            return (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+
+        return self.cached(("flat", stride), make)
+
     def row_index(self, stride: int) -> torch.Tensor:
         """``(B, H/stride, W/stride)`` long: the row of each visible site in ``coords(stride)``, -1 where masked."""
 

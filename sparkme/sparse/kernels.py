@@ -11,32 +11,6 @@ import torch
 import torch.nn.functional as F
 
 
-class _SubmanifoldDepthwise(torch.autograd.Function):
-    """Stride-1 depthwise conv on visible rows, one tap at a time: memory O(N*C) instead of the O(N*K*C)
-    im2col buffer (a 7x7 ConvNeXt conv would otherwise store 49 gathered copies of its input for backward).
-
-    With equal input and output sites, input i sees output j at offset +d exactly when j sees i at -d, so the
-    input gradient is the same op on ``grad_out`` with the kernel mirrored: a gather, never a scatter-add.
-    """
-
-    @staticmethod
-    def forward(ctx, features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(features, taps, weight)
-        return _depthwise_taps(features, taps, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        features, taps, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_features = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_features = _depthwise_taps(grad_out, taps, weight.flip(0).to(grad_out.dtype)).to(features.dtype)
-        if ctx.needs_input_grad[2]:
-            padded = _with_missing_row(features.to(grad_out.dtype))
-            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps]).to(weight.dtype)
-        return grad_features, None, grad_weight
-
-
 class _GatherGemmConv(torch.autograd.Function):
     """k x k conv as gather (im2col on visible rows) + one GEMM, saving only the input rows for backward: the
     ``(N_out, K*C_in)`` columns are rebuilt in backward instead of being kept alive (they are ~K times the input).
@@ -92,20 +66,11 @@ def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)
 
 
-def _depthwise_taps(features: torch.Tensor, taps: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``sum_k features[taps[k]] * weight[k]``: ``(N, C)``, ``(K, N)`` (N = missing), ``(K, C)`` -> ``(N, C)``."""
-    padded = _with_missing_row(features)
-    out = torch.zeros_like(features)
-    for tap, tap_weight in zip(taps, weight):
-        out.addcmul_(padded[tap], tap_weight)
-    return out
-
-
 def gather_conv(
     features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
     same_sites: bool,
 ) -> torch.Tensor:
-    """Sparse k x k convolution as one gather and one GEMM, a tap-by-tap depthwise product, or a batched GEMM per
+    """Sparse k x k convolution as one gather and one GEMM, a gathered depthwise product, or a batched GEMM per
     group (custom autograd functions above keep only the input rows for backward).
 
     Args:
@@ -123,12 +88,9 @@ def gather_conv(
     if groups == 1:
         out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, same_sites)
     elif groups == c_out == features.shape[1] and c_in_per_group == 1:
+        # Strided depthwise (stride-1 ones run on a scratch grid: sparse/grid_depthwise.py).
         tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
-        if same_sites:
-            out = _SubmanifoldDepthwise.apply(features.contiguous(), neighbours.t().contiguous(), tap_weight)
-        else:
-            padded = _with_missing_row(features)
-            out = torch.einsum("nkc,kc->nc", padded[neighbours], tap_weight)
+        out = torch.einsum("nkc,kc->nc", _with_missing_row(features)[neighbours], tap_weight)
     else:
         out = _grouped_gather_conv(features, neighbours, weight, groups)
     return out if bias is None else out + bias

@@ -14,6 +14,7 @@ import torch
 
 from sparkme.sparse.base import SparseMap, conv_taps
 from sparkme.sparse.context import MaskContext, conv_geometry
+from sparkme.sparse.grid_depthwise import grid_depthwise_conv, is_submanifold_depthwise
 from sparkme.sparse.kernels import gather_avg_pool, gather_conv, linear_conv1x1
 
 try:
@@ -86,6 +87,17 @@ class MinkowskiMap(SparseMap):
         key = self.tensor.coordinate_map_key
         return self.context.cached(("me_batch", str(key)), lambda: self.tensor.C[:, 0].long())
 
+    def _flat_sites(self) -> torch.Tensor:
+        """``(N,)`` long: each row's flat index ``(b * H + y) * W + x`` in this map's grid, in MinkowskiEngine's own
+        row order (coordinates are in pixels, multiples of the stride)."""
+
+        def make():
+            coords = self.tensor.C.long()
+            height, width = self.context.grid_size(self.stride)
+            return (coords[:, 0] * height + coords[:, 1] // self.stride) * width + coords[:, 2] // self.stride
+
+        return self.context.cached(("me_flat", str(self.tensor.coordinate_map_key)), make)
+
     def per_sample_sum(self, features: torch.Tensor) -> torch.Tensor:
         out = features.new_zeros(self.context.batch_size, features.shape[1])
         return out.index_add(0, self._batch_index(), features)
@@ -108,6 +120,10 @@ class MinkowskiMap(SparseMap):
         conv_geometry(kernel, stride, padding)
         if kernel == 1 and stride == 1:
             return self.with_features(linear_conv1x1(self.tensor.F, conv))
+        if is_submanifold_depthwise(conv):
+            grid = (self.context.batch_size, *self.context.grid_size(self.stride))
+            return self.with_features(grid_depthwise_conv(self.tensor.F, self._flat_sites(), grid, conv.weight,
+                                                          conv.bias))
         if conv.groups > 1:
             return self._gathered(conv, kernel, stride)
         generator = self._kernel_generator(kernel, stride)

@@ -10,6 +10,7 @@ import torch
 
 from sparkme.sparse.base import SparseMap, conv_taps
 from sparkme.sparse.context import MaskContext
+from sparkme.sparse.grid_depthwise import grid_depthwise_conv, is_submanifold_depthwise
 from sparkme.sparse.kernels import gather_avg_pool, gather_conv, gather_max_pool, linear_conv1x1
 
 
@@ -51,6 +52,10 @@ class TorchSparseMap(SparseMap):
         kernel, stride, padding = conv_taps(conv)
         if kernel == 1 and stride == 1:
             return self.with_features(linear_conv1x1(self._features, conv))
+        if is_submanifold_depthwise(conv):
+            grid = (self.context.batch_size, *self.context.grid_size(self.stride))
+            sites = self.context.flat_sites(self.stride)
+            return self.with_features(grid_depthwise_conv(self._features, sites, grid, conv.weight, conv.bias))
         table = self.context.neighbours(self.stride, kernel, stride, padding)
         out = gather_conv(self._features, table, conv.weight, conv.bias, conv.groups, same_sites=stride == 1)
         return TorchSparseMap(self.context, self.stride * stride, out)
