@@ -15,6 +15,20 @@ def _inputs(batch=2, height=96, width=128, channels=3, ratio=0.6, seed=0):
     return images, mask
 
 
+def test_minkowski_keeps_the_callers_thread_count():
+    """MinkowskiEngine's coordinate manager calls omp_set_num_threads (torch's pool too): by default with the CPU
+    count, which silently undid torch.set_num_threads (sparkme-bench --threads 1 ran on every core)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        images, mask = _inputs()
+        sparse = sparse_from_images(images, mask, "minkowski")
+        sparse.conv2d(torch.nn.Conv2d(3, 4, 3, padding=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_dense_sparse_dense_round_trip_is_exact(backend):
     images, mask = _inputs()

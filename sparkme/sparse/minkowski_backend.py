@@ -63,7 +63,15 @@ class MinkowskiMap(SparseMap):
         mask = context.dense_mask(1)
         features = images.permute(0, 2, 3, 1)[mask]
         coordinates = context.coords(1).int()
-        tensor = ME.SparseTensor(features, coordinates=coordinates, tensor_stride=1, device=images.device)
+        # MinkowskiEngine's coordinate manager calls omp_set_num_threads(its thread count), which is also torch's
+        # OpenMP pool: by default min(cpu_count, 20), silently undoing the caller's torch.set_num_threads. Giving it
+        # torch's own count leaves the caller's setting in place.
+        manager = ME.CoordinateManager(
+            D=DIMENSION, num_threads=torch.get_num_threads(),
+            coordinate_map_type=ME.CoordinateMapType.CUDA if coordinates.is_cuda else ME.CoordinateMapType.CPU,
+        )
+        tensor = ME.SparseTensor(features, coordinates=coordinates, tensor_stride=1, device=images.device,
+                                 coordinate_manager=manager)
         return cls(context, 1, tensor)
 
     def with_features(self, features: torch.Tensor) -> MinkowskiMap:
