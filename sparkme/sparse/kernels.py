@@ -23,7 +23,7 @@ class _GatherGemmConv(torch.autograd.Function):
     def forward(ctx, features, table, weight, same_sites: bool):
         ctx.same_sites = same_sites
         ctx.save_for_backward(features, table, weight)
-        return _gather_rows(features, table) @ _gemm_weight(weight)
+        return _gather_rows(features, table) @ _weight_rows(weight).t()
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -35,14 +35,15 @@ class _GatherGemmConv(torch.autograd.Function):
         c_out, c_in, k, _ = weight.shape
         grad_features = grad_weight = None
         if ctx.needs_input_grad[2]:
-            grad_weight = (_gather_rows(features, table).t() @ grad_out).reshape(k, k, c_in, c_out)
-            grad_weight = grad_weight.permute(3, 2, 0, 1).to(saved_weight.dtype)
+            # (C_out, K*C_in) -> (C_out, C_in, k, k), contiguous here: AccumulateGrad would otherwise copy it
+            grad_weight = (grad_out.t() @ _gather_rows(features, table)).view(c_out, k, k, c_in)
+            grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous().to(saved_weight.dtype)
         if ctx.needs_input_grad[0]:
             if ctx.same_sites:
                 mirrored = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, k, k)
                 grad_features = _gather_rows(grad_out, table) @ _gemm_weight(mirrored)
             else:
-                grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)
+                grad_columns = (grad_out @ _weight_rows(weight)).reshape(-1, c_in)
                 padded = features.new_zeros(features.shape[0] + 1, c_in)
                 grad_features = padded.index_add_(0, table.reshape(-1), grad_columns)[:-1]
             grad_features = grad_features.to(saved_features.dtype)
@@ -64,6 +65,14 @@ def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
     """Dense ``(C_out, C_in, k, k)`` -> ``(k*k*C_in, C_out)`` matching ``_gather_rows``' tap-major columns."""
     c_out, c_in, k, _ = weight.shape
     return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+
+
+def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Dense ``(C_out, C_in, k, k)`` -> ``(C_out, k*k*C_in)``, the transpose of ``_gemm_weight``: the copy moves
+    ``(C_in, k*k)`` blocks within each output channel's row (cache-friendly, unlike a whole transpose), and the GEMMs
+    read it transposed for free."""
+    c_out, c_in, k, _ = weight.shape
+    return weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c_in)
 
 
 def gather_conv(

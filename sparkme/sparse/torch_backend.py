@@ -72,4 +72,6 @@ class TorchSparseMap(SparseMap):
         mask = self.dense_mask()
         dense = self._features.new_zeros(*mask.shape, self._features.shape[1])
         dense = dense.index_put((mask,), self._features) if mask.any() else dense
-        return self._fill_masked(dense.permute(0, 3, 1, 2).contiguous(), fill)
+        # (B, C, H, W) in channels-last memory format, as scattered: the dense half runs channels-last on CPU
+        # (SparK.dense_layout), so a contiguous NCHW copy here would be transposed straight back.
+        return self._fill_masked(dense.permute(0, 3, 1, 2), fill)
