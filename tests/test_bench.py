@@ -3,7 +3,6 @@ the training step's speed-ups."""
 
 import copy
 import csv
-import dataclasses
 import json
 import math
 import re
@@ -142,11 +141,7 @@ def test_training_step_with_every_speed_up_equals_the_plain_step_in_float32(mode
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     mask = random_mask(2, 2, 2, 0.5, generator=torch.Generator().manual_seed(1))
     expected = _two_steps(plain, images, mask)
-    # Every backend with the default speed-ups (channels-last, Winograd where auto picks it); then with Winograd
-    # forced on every 3x3 conv of the dense half, as auto runs it on the paper decoder's wide layers.
-    fast_variants = steps.variants(BACKENDS)[:-1]
-    fast_variants += [dataclasses.replace(v, dense_conv=tile) for v in fast_variants for tile in ("f2x2", "f4x4")]
-    for variant in fast_variants:
+    for variant in steps.variants(BACKENDS)[:-1]:  # every backend with the default speed-ups (channels-last)
         model = copy.deepcopy(fast)
         variant.apply(model)
         assert _two_steps(model, images, mask) == pytest.approx(expected, rel=1e-5), variant

@@ -12,7 +12,6 @@ from sparkme.bench.settings import REFERENCE, resolve_device, validate
 from sparkme.errors import run_reporting_usage_errors
 from sparkme.masking import PATCH_SIZE
 from sparkme.models.spark import DENSE_LAYOUTS
-from sparkme.models.winograd import CONV_ALGORITHMS
 from sparkme.sparse.registry import BACKEND_NAMES
 
 PROG = "sparkme-bench"
@@ -60,9 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time the whole SparK training step and the reference step")
     parser.add_argument("--dense-layout", default="auto", choices=DENSE_LAYOUTS,
                         help="memory format of densify + decoder in the backends' steps (reference: contiguous)")
-    parser.add_argument("--dense-conv", default="auto", choices=CONV_ALGORITHMS,
-                        help="3x3 convs of densify + decoder in the backends' steps: auto (Winograd on CPU where it "
-                             "pays), direct, f2x2, f4x4 (reference: direct)")
     parser.add_argument("--bf16", action="store_true",
                         help="opt-in: densify + decoder under bf16 autocast in the backends' steps (changes the maths)")
     parser.add_argument("--out", default="bench_results", help="folder for results.csv/json and speedup.png")
@@ -72,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     validate(args.models, args.backends, args.ratios, args.batch_sizes, args.image_size, args.repeats, args.warmup,
-             args.dense_layout, args.dense_conv)  # before any work: a typo fails in a second
+             args.dense_layout)  # before any work: a typo fails in a second
     device = resolve_device(args.device)
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats} < 3: the medians are noisy", flush=True)
@@ -81,8 +77,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"image {args.image_size}px, {args.repeats} repeats after {args.warmup} warm-up", flush=True)
     run_benchmark(args.models, args.backends, args.ratios, args.batch_sizes, args.image_size, args.repeats,
-                  args.warmup, device, args.train_step, args.out, args.dense_layout, args.bf16,
-                  dense_conv=args.dense_conv)
+                  args.warmup, device, args.train_step, args.out, args.dense_layout, args.bf16)
     print(f"wrote results.csv, results.json and speedup.png to {args.out}", flush=True)
 
 

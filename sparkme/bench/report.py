@@ -16,7 +16,7 @@ from sparkme.bench.steps import REFERENCE_STEP
 # Every row's keys, in the order of results.csv.
 COLUMNS = [
     "model", "backend", "device", "image_size", "batch", "ratio", "visible_frac", "repeats", "warmup",
-    "dense_layout", "dense_dtype", "dense_conv",
+    "dense_layout", "dense_dtype",
     "enc_ms", "enc_img_per_s", "enc_vs_masked", "enc_ideal", "enc_mem_bytes", "enc_mem_vs_masked",
     "step_ms", "step_img_per_s", "opt_ms", "dense_ms", "step_vs_masked", "step_attainable_vs_masked",
     "step_vs_reference", "step_attainable_vs_reference", "step_mem_bytes", "step_mem_vs_reference", "mem_kind",

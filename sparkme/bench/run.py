@@ -37,7 +37,6 @@ def run_benchmark(
     dense_layout: str = "auto",
     bf16: bool = False,
     decoder_width: int = steps.DECODER_WIDTH,
-    dense_conv: str = "auto",
 ) -> list[dict]:
     """Benchmark every backend on every model x batch size x mask ratio (see the package docstring).
 
@@ -47,7 +46,6 @@ def run_benchmark(
     Args:
         dense_layout: ``SparK.dense_layout`` of the backends' steps (the reference step is always contiguous).
         bf16: run the backends' dense half under bf16 autocast (opt-in: changes the maths; not the reference).
-        dense_conv: ``SparK.dense_conv`` of the backends' steps (the reference step is always ``direct``).
         decoder_width: the decoder's first width (the paper's 768; smaller only for smoke tests).
 
     Returns:
@@ -55,9 +53,9 @@ def run_benchmark(
         the train step) the ``reference`` row, whose encoder columns are None. Values not measured are None.
     """
     models, backends, ratios, batch_sizes = validate(models, backends, ratios, batch_sizes, image_size, repeats,
-                                                     warmup, dense_layout, dense_conv)
+                                                     warmup, dense_layout)
     device = resolve_device(device)
-    all_variants = steps.variants(backends, dense_layout, bf16, dense_conv)
+    all_variants = steps.variants(backends, dense_layout, bf16)
     if not include_train_step:
         all_variants = [v for v in all_variants if v.name != REFERENCE_STEP]
     rows: list[dict] = []
@@ -154,7 +152,6 @@ def _rows(model_name: str, variants: list[Variant], measured: dict, images: torc
             dense_layout="channels_last" if dense_memory_format(variant.dense_layout, device) == torch.channels_last
             else "contiguous",
             dense_dtype=str(variant.dense_autocast or images.dtype).removeprefix("torch."),
-            dense_conv=variant.dense_conv,
             enc_ms=enc, enc_img_per_s=_rate(batch, enc), enc_vs_masked=_ratio(enc_ms[REFERENCE], enc),
             enc_ideal=None if enc is None else 1.0 / visible,
             enc_mem_bytes=m["enc_mem"], enc_mem_vs_masked=_ratio(m["enc_mem"], measured[REFERENCE]["enc_mem"]),

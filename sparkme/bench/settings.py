@@ -11,7 +11,6 @@ from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
 from sparkme.models.backbones import SUPPORTED_PREFIXES, TESTED_MODELS
 from sparkme.models.spark import DENSE_LAYOUTS
-from sparkme.models.winograd import CONV_ALGORITHMS
 from sparkme.sparse.registry import BACKEND_NAMES, get_backend
 
 REFERENCE = "masked"  # the backend every ratio is taken against
@@ -71,7 +70,6 @@ def validate(
     repeats: int,
     warmup: int,
     dense_layout: str = "auto",
-    dense_conv: str = "auto",
 ) -> tuple[list[str], list[str], list[float], list[int]]:
     """Deduplicated, checked ``(models, backends, ratios, batch_sizes)``; a UsageError names the first bad value."""
     if not models:
@@ -94,8 +92,6 @@ def validate(
         raise UsageError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
         raise UsageError(f"warmup must be >= 0, got {warmup}")
-    if dense_conv not in CONV_ALGORITHMS:
-        raise UsageError(f"unknown dense conv algorithm {dense_conv!r}; choose from {', '.join(CONV_ALGORITHMS)}")
     if dense_layout not in DENSE_LAYOUTS:
         raise UsageError(f"unknown dense layout {dense_layout!r}; choose from {', '.join(DENSE_LAYOUTS)}")
     return models, backends, ratios, [int(b) for b in dict.fromkeys(batch_sizes)]

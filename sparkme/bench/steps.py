@@ -33,28 +33,23 @@ class Variant:
         backend: the encoder's sparse backend.
         dense_layout: ``SparK.dense_layout`` (memory format of densify and the decoder).
         dense_autocast: ``SparK.dense_autocast`` (None: the default float32 maths).
-        dense_conv: ``SparK.dense_conv`` (algorithm of the dense half's 3x3 convs).
     """
 
     name: str
     backend: str
     dense_layout: str = "auto"
     dense_autocast: torch.dtype | None = None
-    dense_conv: str = "auto"
 
     def apply(self, model: SparK) -> None:
         model.encoder.backend = self.backend
         model.dense_layout = self.dense_layout
         model.dense_autocast = self.dense_autocast
-        model.dense_conv = self.dense_conv
 
 
-def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False,
-             dense_conv: str = "auto") -> list[Variant]:
+def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False) -> list[Variant]:
     """Every backend with the speed-ups, then the reference step (``masked`` with none of them)."""
     dtype = torch.bfloat16 if bf16 else None
-    return ([Variant(b, b, dense_layout, dtype, dense_conv) for b in backends]
-            + [Variant(REFERENCE_STEP, "masked", "contiguous", None, "direct")])
+    return [Variant(b, b, dense_layout, dtype) for b in backends] + [Variant(REFERENCE_STEP, "masked", "contiguous")]
 
 
 def build_model(model_name: str, device: torch.device, decoder_width: int = DECODER_WIDTH) -> SparK:

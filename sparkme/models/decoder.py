@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparkme.models.winograd import Conv3x3
-
 
 class UpBlock(nn.Module):
     """x2 up-sampling (ConvTranspose 4x4 s2) then two 3x3 conv/BN with ReLU6 between: ``(B, C_in, h, w)`` ->
@@ -16,8 +14,8 @@ class UpBlock(nn.Module):
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, in_channels, kernel_size=4, stride=2, padding=1, bias=True)
         self.conv = nn.Sequential(
-            Conv3x3(in_channels, in_channels, bias=False), nn.BatchNorm2d(in_channels), nn.ReLU6(),
-            Conv3x3(in_channels, out_channels, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=False), nn.BatchNorm2d(in_channels), nn.ReLU6(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

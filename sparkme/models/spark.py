@@ -15,7 +15,6 @@ from sparkme.models.backbones import create_backbone
 from sparkme.models.decoder import LightDecoder
 from sparkme.models.encoder import SparseEncoder
 from sparkme.models.weights import WeightsReport, load_weights
-from sparkme.models.winograd import CONV_ALGORITHMS, Conv3x3
 from sparkme.sparse import ops
 from sparkme.sparse.base import SparseMap
 
@@ -37,8 +36,6 @@ class Densify(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         if kernel_size == 1 and enc_channels == dec_channels:
             self.proj = nn.Identity()
-        elif kernel_size == 3:
-            self.proj = Conv3x3(enc_channels, dec_channels, bias=True)
         else:
             self.proj = nn.Conv2d(enc_channels, dec_channels, kernel_size, padding=kernel_size // 2, bias=True)
 
@@ -108,9 +105,6 @@ class SparK(nn.Module):
         dense_layout: memory format of the dense half, one of ``DENSE_LAYOUTS`` (see ``dense_memory_format``).
         dense_autocast: None (default: the caller's precision) or a dtype, e.g. ``torch.bfloat16``, to run densify
             and the decoder alone under autocast (opt-in: it changes the maths; the sparse encoder stays exact).
-        dense_conv: algorithm of the dense half's 3x3 convs, one of ``CONV_ALGORITHMS``: ``auto`` (Winograd on
-            CPU for the wide layers where it measured faster, ``models/winograd.py``; same function, other
-            rounding) or ``direct`` (``F.conv2d`` everywhere).
     """
 
     def __init__(self, encoder: SparseEncoder, decoder: LightDecoder, mask_ratio: float = 0.6):
@@ -125,20 +119,6 @@ class SparK(nn.Module):
         )
         self.dense_layout = "auto"
         self.dense_autocast: torch.dtype | None = None
-        self.dense_conv = "auto"
-
-    @property
-    def dense_conv(self) -> str:
-        return self._dense_conv
-
-    @dense_conv.setter
-    def dense_conv(self, algorithm: str) -> None:
-        if algorithm not in CONV_ALGORITHMS:
-            raise ValueError(f"dense_conv must be one of {', '.join(CONV_ALGORITHMS)}, got {algorithm!r}")
-        self._dense_conv = algorithm
-        for module in [*self.densify.modules(), *self.decoder.modules()]:
-            if isinstance(module, Conv3x3):
-                module.algorithm = algorithm
 
     def sample_mask(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``(B, H/32, W/32)`` bool, True = visible, with ``round(h*w*(1-mask_ratio))`` visible per image."""
