@@ -120,9 +120,10 @@ def test_cli_reports_bad_settings_in_one_line_before_any_work(argv, message, cap
     assert not (tmp_path / "out").exists()
 
 
-def _two_steps(model, images, mask) -> list[float]:
-    """Losses of two pretraining steps (the second sees the first's LAMB update)."""
+def _two_steps(model, variant, images, mask) -> list[float]:
+    """Losses of two pretraining steps of ``variant`` (the second sees the first's LAMB update)."""
     optimizer = steps.make_optimizer(model, "resnet18", images.shape[0])
+    variant.apply(model, optimizer)
     losses = []
     for _ in range(2):
         torch.manual_seed(1)  # the same drop-path draws for every variant
@@ -137,14 +138,14 @@ def test_training_step_with_every_speed_up_equals_the_plain_step_in_float32(mode
     torch.manual_seed(0)
     plain = steps.build_model(model_name, torch.device("cpu"), decoder_width=32)
     fast = copy.deepcopy(plain)
-    steps.Variant("reference", "masked", "contiguous").apply(plain)
+    *fast_variants, reference = steps.variants(BACKENDS)
+    assert not reference.fused_optimizer and all(v.fused_optimizer for v in fast_variants)
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     mask = random_mask(2, 2, 2, 0.5, generator=torch.Generator().manual_seed(1))
-    expected = _two_steps(plain, images, mask)
-    for variant in steps.variants(BACKENDS)[:-1]:  # every backend with the default speed-ups (channels-last)
+    expected = _two_steps(plain, reference, images, mask)
+    for variant in fast_variants:  # every backend with the default speed-ups (channels-last, fused LAMB)
         model = copy.deepcopy(fast)
-        variant.apply(model)
-        assert _two_steps(model, images, mask) == pytest.approx(expected, rel=1e-5), variant
+        assert _two_steps(model, variant, images, mask) == pytest.approx(expected, rel=1e-5), variant
 
 
 def test_bf16_dense_half_is_opt_in_and_close():

@@ -96,7 +96,7 @@ def _measure(model: SparK, optimizer: torch.optim.Optimizer | None, variants: li
     out: dict[str, dict] = {v.name: dict(enc=[], step=[], opt=[], enc_mem=None, step_mem=None) for v in variants}
 
     def visit(variant: Variant, record: bool) -> None:
-        variant.apply(model)
+        variant.apply(model, optimizer)
         if variant.name != REFERENCE_STEP:  # the reference step's encoder is masked's, timed in its own row
             seconds, peak = timed(lambda: steps.encoder_step(model, images, mask), device)
             if record:

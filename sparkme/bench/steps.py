@@ -10,9 +10,10 @@ import dataclasses
 import time
 
 import torch
-from timm.optim import Lamb, param_groups_weight_decay
+from timm.optim import param_groups_weight_decay
 
 from sparkme.bench.timing import synchronize
+from sparkme.engine.fused_lamb import FusedLamb
 from sparkme.models.spark import SparK, build_spark
 
 REFERENCE_STEP = "reference"  # masked backend, plain dense half: SparK's own step
@@ -33,23 +34,29 @@ class Variant:
         backend: the encoder's sparse backend.
         dense_layout: ``SparK.dense_layout`` (memory format of densify and the decoder).
         dense_autocast: ``SparK.dense_autocast`` (None: the default float32 maths).
+        fused_optimizer: ``FusedLamb.fused`` (False: timm's own LAMB step).
     """
 
     name: str
     backend: str
     dense_layout: str = "auto"
     dense_autocast: torch.dtype | None = None
+    fused_optimizer: bool = True
 
-    def apply(self, model: SparK) -> None:
+    def apply(self, model: SparK, optimizer: torch.optim.Optimizer | None = None) -> None:
         model.encoder.backend = self.backend
         model.dense_layout = self.dense_layout
         model.dense_autocast = self.dense_autocast
+        if isinstance(optimizer, FusedLamb):
+            optimizer.fused = self.fused_optimizer
 
 
 def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False) -> list[Variant]:
-    """Every backend with the speed-ups, then the reference step (``masked`` with none of them)."""
+    """Every backend with the speed-ups, then the reference step (``masked`` with none of them: contiguous dense
+    half, timm's LAMB step)."""
     dtype = torch.bfloat16 if bf16 else None
-    return [Variant(b, b, dense_layout, dtype) for b in backends] + [Variant(REFERENCE_STEP, "masked", "contiguous")]
+    return ([Variant(b, b, dense_layout, dtype) for b in backends]
+            + [Variant(REFERENCE_STEP, "masked", "contiguous", fused_optimizer=False)])
 
 
 def build_model(model_name: str, device: torch.device, decoder_width: int = DECODER_WIDTH) -> SparK:
@@ -63,9 +70,9 @@ def lamb_betas(model_name: str) -> tuple[float, float]:
 
 
 def make_optimizer(model: SparK, model_name: str, batch: int) -> torch.optim.Optimizer:
-    """timm's LAMB as in pretraining (its default multi-tensor ``foreach`` path)."""
+    """LAMB as in pretraining: ``FusedLamb`` (timm's LAMB with a compiled update; ``fused = False`` is timm's step)."""
     groups = param_groups_weight_decay(model, WEIGHT_DECAY, no_weight_decay_list=("mask_token",))
-    return Lamb(groups, lr=BASE_LR * batch / 256, betas=lamb_betas(model_name), max_grad_norm=None)
+    return FusedLamb(groups, lr=BASE_LR * batch / 256, betas=lamb_betas(model_name), max_grad_norm=None)
 
 
 def encoder_step(model: SparK, images: torch.Tensor, mask: torch.Tensor) -> None:
