@@ -74,8 +74,8 @@ MUTATIONS = [
         "gather-gemm-float32-weight-grad-negated",
         "float32 weight gradient of the gather-GEMM conv negated (float64 untouched)",
         (_edit("sparkme/sparse/kernels.py",
-               ("            grad_weight = grad_weight.permute(3, 2, 0, 1)\n",
-                "            grad_weight = grad_weight.permute(3, 2, 0, 1)\n"
+               ("            grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous().to(saved_weight.dtype)\n",
+                "            grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous().to(saved_weight.dtype)\n"
                 "            if grad_out.dtype == torch.float32:\n"
                 "                grad_weight = -grad_weight\n")),),
         FLOAT32_GROUPS),
@@ -182,18 +182,18 @@ MUTATIONS = [
     Mutation(
         "depthwise-float32-weight-grad-x1.5",
         "float32 weight gradient of the submanifold depthwise conv scaled by 1.5",
-        (_edit("sparkme/sparse/kernels.py",
-               ("            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])\n",
-                "            grad_weight = torch.stack([(padded[tap] * grad_out).sum(0) for tap in taps])\n"
-                "            if grad_out.dtype == torch.float32:\n"
-                "                grad_weight = grad_weight * 1.5\n")),),
+        (_edit("sparkme/sparse/grid_depthwise.py",
+               ("        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)\n",
+                "        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)\n"
+                "        if grad_weight is not None and grad_out.dtype == torch.float32:\n"
+                "            grad_weight = grad_weight * 1.5\n")),),
         (("tests/test_float32_gradients.py", "-k", "depthwise"),), issue_table=False),
     Mutation(
         "strided-conv-scatter-add-float32-drops-a-tap",
         "float32 input gradient of strided gather-GEMM convs loses the last tap's contribution",
         (_edit("sparkme/sparse/kernels.py",
-               ("                grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)\n",
-                "                grad_columns = (grad_out @ _gemm_weight(weight).t()).reshape(-1, c_in)\n"
+               ("                grad_columns = (grad_out @ _weight_rows(weight)).reshape(-1, c_in)\n",
+                "                grad_columns = (grad_out @ _weight_rows(weight)).reshape(-1, c_in)\n"
                 "                if grad_out.dtype == torch.float32:\n"
                 "                    grad_columns = grad_columns.reshape(-1, k * k, c_in).clone()\n"
                 "                    grad_columns[:, -1] = 0\n"

@@ -6,11 +6,11 @@ For every model x batch size x mask ratio, on the *same* seeded images and mask 
 (``minkowski``, ``torch``, ``masked``) runs
   * the encoder's forward + backward (loss = sum of the means of its 4 feature maps), and
   * the whole SparK training step as in pretraining: encoder, densify, the paper's width-768 decoder, loss,
-    backward, global-norm clip at 5 and timm's LAMB step, with this project's speed-ups of the dense half
-    (``SparK.dense_layout``: channels-last on CPU; ``--bf16`` opt-in autocast);
-and the **reference step** runs once more: ``masked`` with the plain (contiguous, float32) dense half, i.e. SparK's
-own step. Variants are interleaved (every repeat visits each once, in turn) so that drift of the machine hits all
-alike; medians over the repeats after warm-up are reported.
+    backward, global-norm clip at 5 and the LAMB step (``FusedLamb``, pretraining's), with this project's speed-ups
+    of the dense half (``SparK.dense_layout``: channels-last on CPU; ``--bf16`` opt-in autocast);
+and the **reference step** runs once more: ``masked`` with the plain (contiguous, float32) dense half and timm's own
+LAMB step, i.e. SparK's own step. Variants are interleaved (every repeat visits each once, in turn) so that drift
+of the machine hits all alike; medians over the repeats after warm-up are reported.
 
 Ratios: ``enc_vs_masked`` (encoder against masked's encoder; ideal ``1/visible``), ``step_vs_masked`` and
 ``step_vs_reference`` (step against masked's / the reference step). The **attainable** ratios take the measured
