@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # trainer.device
 
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
 WANDB_MODES = ("offline", "online", "disabled")  # logger.wandb_mode
 
+
 def _kept(line: str, start_step: int) -> bool:
     """Whether a line written before a restart at ``start_step`` stays: complete lines up to that step, except on
     a fresh start, which writes every line (step 0's held-out loss included) again."""

@@ -66,15 +66,19 @@ class MaskContext:
         """``(N,)`` long: the image each visible site belongs to."""
         return self.coords(stride)[:, 0]
 
+    def grid_shape(self, stride: int) -> tuple[int, int, int]:
+        """``(B, H/stride, W/stride)``: the dense grid of the stride-``stride`` maps."""
+        return (self.batch_size, *self.grid_size(stride))
+
+    def flat_index(self, coords: torch.Tensor, stride: int) -> torch.Tensor:
+        """``(N, 3)`` grid coordinates ``(batch, y, x)`` at ``stride`` -> ``(N,)`` flat indices ``(b * H + y) * W + x``
+        into that grid."""
+        height, width = self.grid_size(stride)
+        return (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+
     def flat_sites(self, stride: int) -> torch.Tensor:
-        """``(N,)`` long: each visible site's flat index ``(b * H + y) * W + x`` in the stride-``stride`` grid."""
-
-        def make():
-            coords = self.coords(stride)
-            height, width = self.grid_size(stride)
-            return (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
-
-        return self.cached(("flat", stride), make)
+        """``(N,)`` long: each visible site's flat index in the stride-``stride`` grid, in ``coords`` order."""
+        return self.cached(("flat", stride), lambda: self.flat_index(self.coords(stride), stride))
 
     def row_index(self, stride: int) -> torch.Tensor:
         """``(B, H/stride, W/stride)`` long: the row of each visible site in ``coords(stride)``, -1 where masked."""

@@ -96,13 +96,13 @@ class MinkowskiMap(SparseMap):
         return self.context.cached(("me_batch", str(key)), lambda: self.tensor.C[:, 0].long())
 
     def _flat_sites(self) -> torch.Tensor:
-        """``(N,)`` long: each row's flat index ``(b * H + y) * W + x`` in this map's grid, in MinkowskiEngine's own
-        row order (coordinates are in pixels, multiples of the stride)."""
+        """``(N,)`` long: each row's flat index in this map's grid, in MinkowskiEngine's own row order (its coordinates
+        are in pixels, multiples of the stride)."""
 
         def make():
-            coords = self.tensor.C.long()
-            height, width = self.context.grid_size(self.stride)
-            return (coords[:, 0] * height + coords[:, 1] // self.stride) * width + coords[:, 2] // self.stride
+            pixels = self.tensor.C.long()
+            coords = torch.cat([pixels[:, :1], pixels[:, 1:] // self.stride], dim=1)
+            return self.context.flat_index(coords, self.stride)
 
         return self.context.cached(("me_flat", str(self.tensor.coordinate_map_key)), make)
 
@@ -129,7 +129,7 @@ class MinkowskiMap(SparseMap):
         if kernel == 1 and stride == 1:
             return self.with_features(linear_conv1x1(self.tensor.F, conv))
         if is_submanifold_depthwise(conv):
-            grid = (self.context.batch_size, *self.context.grid_size(self.stride))
+            grid = self.context.grid_shape(self.stride)
             return self.with_features(grid_depthwise_conv(self.tensor.F, self._flat_sites(), grid, conv.weight,
                                                           conv.bias))
         if conv.groups > 1:

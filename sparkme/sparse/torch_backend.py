@@ -53,8 +53,7 @@ class TorchSparseMap(SparseMap):
         if kernel == 1 and stride == 1:
             return self.with_features(linear_conv1x1(self._features, conv))
         if is_submanifold_depthwise(conv):
-            grid = (self.context.batch_size, *self.context.grid_size(self.stride))
-            sites = self.context.flat_sites(self.stride)
+            sites, grid = self.context.flat_sites(self.stride), self.context.grid_shape(self.stride)
             return self.with_features(grid_depthwise_conv(self._features, sites, grid, conv.weight, conv.bias))
         table = self.context.neighbours(self.stride, kernel, stride, padding)
         out = gather_conv(self._features, table, conv.weight, conv.bias, conv.groups, same_sites=stride == 1)
