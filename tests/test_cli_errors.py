@@ -53,6 +53,8 @@ CASES = {
     "mask_ratio": ("sparkme-pretrain", ["mask_ratio=1.5"], "mask ratio must be in [0, 1)"),
     "batch_size": ("sparkme-pretrain", ["trainer.batch_size=0"], "trainer.batch_size must be an integer >= 1, got 0"),
     "amp": ("sparkme-pretrain", ["trainer.amp=int8"], "trainer.amp must be null, bf16 or fp16, got 'int8'"),
+    "lamb_compile": ("sparkme-pretrain", ["optim.optimizer.compile=maybe"],
+                     "optim.optimizer.compile must be true or false, got 'maybe'"),
     "unknown_model": ("sparkme-pretrain", ["model=resnet5"], "unknown model 'resnet5'; choose one of"),
     "unknown_model_name": ("sparkme-pretrain", ["model.model_name=vgg16"], "'vgg16'"),
     "unknown_backend": ("sparkme-pretrain", ["backend=spconv"], "unknown backend 'spconv'; choose one of"),

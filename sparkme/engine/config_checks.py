@@ -158,6 +158,12 @@ def check_init(cfg: DictConfig, model: torch.nn.Module) -> None:
         _as_usage_error(load_weights, model, path)
 
 
+def check_optimizer(cfg: DictConfig) -> None:
+    compile_update = cfg.optim.optimizer.get("compile")  # FusedLamb's (conf/optim/lamb.yaml)
+    if compile_update is not None and not isinstance(compile_update, bool):
+        raise UsageError(f"optim.optimizer.compile must be true or false, got {compile_update!r}")
+
+
 def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     """Raise ``UsageError`` naming the first bad value of ``cfg`` and what is accepted.
 
@@ -170,6 +176,7 @@ def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     check_images_and_mask(cfg)
     check_backend(cfg)
     check_logger(cfg)
+    check_optimizer(cfg)
     check_data(cfg)
     if build_model:
         model = check_model(cfg)
