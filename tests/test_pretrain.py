@@ -60,32 +60,32 @@ def _timm_encoder_facts(name: str, drop_path_rate: float) -> tuple[list, int]:
 
 def _check_run_is_what_the_config_says(run, cfg) -> None:
     """The objects ``_build`` made from ``cfg`` have the configured types and values (not just a name)."""
-    encoder = run.core.encoder
+    encoder = run.spark.encoder
     assert encoder.backend == cfg.backend.name
     levels, parameters = _timm_encoder_facts(cfg.model.model_name, cfg.model.drop_path_rate)
     assert [(f["num_chs"], f["reduction"]) for f in encoder.feature_info] == levels
     assert sum(p.numel() for p in encoder.parameters()) == parameters
     drop_path = max((float(getattr(m, "drop_prob", 0.0) or 0.0) for m in encoder.modules()), default=0.0)
     assert drop_path == pytest.approx(cfg.model.drop_path_rate)
-    assert run.core.mask_ratio == cfg.mask_ratio
+    assert run.spark.mask_ratio == cfg.mask_ratio
     assert type(run.dataset.dataset) is get_class(cfg.data.dataset._target_)
     expected_length = cfg.data.dataset.get("crops_per_epoch") or cfg.data.dataset.get("length")
     if expected_length:
         assert len(run.dataset.dataset) == expected_length
-    assert type(run.optimizer) is get_class(cfg.optim.optimizer._target_)
-    assert tuple(run.optimizer.defaults["betas"]) == tuple(cfg.optim.optimizer.betas)
+    assert type(run.trainer.optimizer) is get_class(cfg.optim.optimizer._target_)
+    assert tuple(run.trainer.optimizer.defaults["betas"]) == tuple(cfg.optim.optimizer.betas)
     batch = cfg.trainer.batch_size * cfg.trainer.accum_steps
-    assert run.global_batch == batch and run.accum == cfg.trainer.accum_steps
+    assert run.plan.global_batch == batch and run.trainer.accum == cfg.trainer.accum_steps
     peak = cfg.optim.base_lr * batch / 256
-    assert run.steps_per_epoch == len(run.dataset) // batch
-    assert run.total_steps == (cfg.trainer.max_steps or cfg.trainer.epochs * run.steps_per_epoch)
-    warmup = int(cfg.sched.warmup_epochs * run.steps_per_epoch)
+    assert run.plan.steps_per_epoch == len(run.dataset) // batch
+    assert run.plan.total_steps == (cfg.trainer.max_steps or cfg.trainer.epochs * run.plan.steps_per_epoch)
+    warmup = int(cfg.sched.warmup_epochs * run.plan.steps_per_epoch)
     assert run.schedule.step(0)[1] == pytest.approx(cfg.sched.wd_start)
-    if warmup < run.total_steps:
+    if warmup < run.plan.total_steps:
         assert run.schedule.step(warmup)[0] == pytest.approx(peak)
-    assert run.schedule.weight_decay(run.total_steps) == pytest.approx(cfg.sched.wd_end)
-    assert run.scaler.is_enabled() == (cfg.trainer.amp == "fp16")
-    assert run.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.trainer.amp]
+    assert run.schedule.weight_decay(run.plan.total_steps) == pytest.approx(cfg.sched.wd_end)
+    assert run.trainer.scaler.is_enabled() == (cfg.trainer.amp == "fp16")
+    assert run.trainer.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.trainer.amp]
 
 
 def _check_wandb_is_opened_as_configured(cfg, run_dir: Path, monkeypatch) -> None:

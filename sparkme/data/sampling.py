@@ -7,31 +7,46 @@ would, with any number of data-loader workers.
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch.utils.data import Dataset, Sampler
 
 
 class ResumableSampler(Sampler):
-    """Yields ``(epoch, index)`` pairs for one rank, starting ``start`` items into the epoch."""
+    """Yields ``(key, index)`` pairs for one rank, starting ``start`` items into the epoch; ``key`` seeds the item's
+    augmentation (``SeededItems``): the epoch, or with ``repeats`` > 1 the epoch and which repeat it is.
 
-    def __init__(self, length: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, start: int = 0):
+    Args:
+        repeats: repeated augmentation (timm's ``RepeatAugSampler``, SparK's ConvNeXt fine-tuning): each image of
+            the permutation appears ``repeats`` times in a row, each time with its own augmentation, and the
+            repeats go to different ranks; an epoch keeps ``length // world_size`` items per rank.
+    """
+
+    def __init__(self, length: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 repeats: int = 1):
         self.length, self.seed, self.epoch = length, seed, epoch
-        self.rank, self.world_size, self.start = rank, world_size, start
+        self.rank, self.world_size, self.start, self.repeats = rank, world_size, start, repeats
 
     def per_rank(self) -> int:
         return self.length // self.world_size  # equal shards: every rank makes the same number of steps
 
     def __iter__(self):
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
-        mine = order[self.rank: self.per_rank() * self.world_size: self.world_size].tolist()
-        return iter([(self.epoch, index) for index in mine[self.start:]])
+        if self.repeats == 1:
+            mine = order[self.rank: self.per_rank() * self.world_size: self.world_size].tolist()
+            return iter([(self.epoch, index) for index in mine[self.start:]])
+        repeated = [(self.epoch * self.repeats + copy, index) for index in order.tolist()
+                    for copy in range(self.repeats)]
+        return iter(repeated[self.rank::self.world_size][:self.per_rank()][self.start:])
 
     def __len__(self) -> int:
         return max(0, self.per_rank() - self.start)
 
 
 class SeededItems(Dataset):
-    """Wraps a dataset so item ``(epoch, index)`` is augmented with its own RNG seed (global RNG untouched)."""
+    """Wraps a dataset so item ``(epoch, index)`` is augmented with its own RNG seed: torch's, and Python's (timm's
+    random erasing draws from ``random``); the global RNG states are untouched."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -41,6 +56,12 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63)
-            return self.dataset[index]
+        item_seed = (self.seed * 1_000_003 + epoch * 100_003 + index) % 2**63
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed)
+                random.seed(item_seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)

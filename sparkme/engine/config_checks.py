@@ -126,7 +126,7 @@ def check_model(cfg: DictConfig) -> torch.nn.Module:
 def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
     """``resume=PATH`` (or the run's own latest checkpoint under ``resume=auto``) is a readable sparkme checkpoint
     of this very model."""
-    from sparkme.engine.checkpoint import LATEST, check_compatible, load_checkpoint
+    from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint
 
     if cfg.resume is None:
         return
@@ -140,7 +140,7 @@ def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
             raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
                              "checkpoint")
     state = _as_usage_error(load_checkpoint, path)
-    _as_usage_error(check_compatible, state["model"], model.state_dict(), str(path))
+    _as_usage_error(fit_checkpoint, state, model, cfg.model.model_name, str(path), "pretrain")
 
 
 def check_init(cfg: DictConfig, model: torch.nn.Module) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from sparkme.files import write_atomic
 
 log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
@@ -39,16 +40,7 @@ def truncate_metrics(path: Path, start_step: int) -> int:
     kept = [line if line.endswith("\n") else line + "\n" for line in lines if _kept(line, start_step)]
     if len(kept) == len(lines):
         return 0
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.writelines(kept)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda file: file.writelines(kept), binary=False)
     return len(lines) - len(kept)
 
 

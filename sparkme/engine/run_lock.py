@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 
 from sparkme.errors import UsageError
+from sparkme.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,7 @@ def _read_holder(path: Path) -> dict | None:
 
 
 def _write_atomic(path: Path, record: dict) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            os.fchmod(file.fileno(), 0o644)  # mkstemp makes it private; other users of the directory may read it
-            json.dump(record, file)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda file: json.dump(record, file), binary=False)
 
 
 def describe(holder: dict | None) -> str:

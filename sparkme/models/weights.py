@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparkme.engine.checkpoint import describe_load_failure
 from sparkme.errors import UsageError
+from sparkme.files import read_torch_file
 from sparkme.models.spark_layouts import (
     SPARK_ENCODER_PREFIX,
     backbone_family,
@@ -57,16 +57,9 @@ class WeightsReport:
 def read_weights_file(path: str | Path) -> dict:
     """``torch.load(path, weights_only=True)`` on the CPU, with one-line ``UsageError``s for a missing, truncated or
     foreign file (never torch's advice to unpickle a file of unknown origin)."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UsageError(f"weights file {str(path)!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UsageError(f"cannot read weights file {str(path)!r}: {describe_load_failure(error)}") from error
-    if not isinstance(state, dict):
-        raise UsageError(f"weights file {str(path)!r} holds a {type(state).__name__}, not a state dict")
-    return state
+    return read_torch_file(path, "weights file")
 
 
 def unwrap(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
