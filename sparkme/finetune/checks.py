@@ -1,0 +1,131 @@
+"""Start-up checks of a fine-tuning config: every user error is found here, before a model is built or data read.
+
+Each check raises ``UsageError`` naming the setting, the bad value and what is accepted; ``sparkme-finetune`` prints
+it as one line and exits with status 2. The model is built on the ``meta`` device (no memory, no time) to check the
+``init=`` and ``resume=`` files against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sparkme.data.labelled import check_labelled_root
+from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint
+from sparkme.engine.config_checks import AMP_CHOICES, check_logger
+from sparkme.engine.distributed import DEVICE_CHOICES
+from sparkme.errors import UsageError
+from sparkme.finetune.recipes import FinetuneRecipe, recipe_for
+
+
+def resolve_recipe(cfg: DictConfig) -> FinetuneRecipe:
+    """The model's preset (``recipe_for``) with every non-null ``recipe.<field>`` of the config put over it."""
+    preset = recipe_for(str(cfg.model), int(cfg.image_size))
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.recipe, resolve=True).items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(FinetuneRecipe)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UsageError(f"unknown recipe setting(s) {', '.join(unknown)}; the recipe has {', '.join(sorted(fields))}")
+    if isinstance(overrides.get("betas"), list):
+        overrides["betas"] = tuple(overrides["betas"])
+    return dataclasses.replace(preset, **overrides)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    trainer = cfg.trainer
+    for key in ("batch_size", "accum_steps", "eval_every", "eval_batch_size"):
+        value = trainer[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+    if trainer.max_steps is not None and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
+        raise UsageError(f"trainer.max_steps must be null or an integer >= 1, got {trainer.max_steps!r}")
+    if trainer.amp not in AMP_CHOICES:
+        raise UsageError(f"trainer.amp must be null, bf16 or fp16, got {trainer.amp!r}")
+    if str(trainer.device) not in DEVICE_CHOICES:
+        raise UsageError(f"trainer.device must be {', '.join(DEVICE_CHOICES)}, got {trainer.device!r}")
+    if str(trainer.device) == "cuda" and not torch.cuda.is_available():
+        raise UsageError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu or auto")
+
+
+def check_recipe(recipe: FinetuneRecipe) -> None:
+    if recipe.optimizer not in ("lamb", "adamw"):
+        raise UsageError(f"recipe.optimizer must be lamb or adamw, got {recipe.optimizer!r}")
+    if recipe.loss not in ("bce", "soft_ce"):
+        raise UsageError(f"recipe.loss must be bce or soft_ce, got {recipe.loss!r}")
+    if not 0 < recipe.layer_decay <= 1:
+        raise UsageError(f"recipe.layer_decay must be in (0, 1] (1: no decay), got {recipe.layer_decay!r}")
+    if recipe.epochs < 1 or recipe.warmup_epochs < 0 or recipe.repeated_aug < 1:
+        raise UsageError(f"recipe.epochs must be >= 1, warmup_epochs >= 0 and repeated_aug >= 1, got "
+                         f"{recipe.epochs}, {recipe.warmup_epochs}, {recipe.repeated_aug}")
+
+
+def check_image_size(size) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise UsageError(f"image_size must be an integer >= 32, got {size!r}")
+
+
+def _meta_classifier(cfg: DictConfig, num_classes: int, recipe: FinetuneRecipe) -> torch.nn.Module:
+    from sparkme.finetune.classifier import create_classifier
+
+    try:
+        with torch.device("meta"):
+            return create_classifier(str(cfg.model), num_classes, recipe.drop_path, str(cfg.source))
+    except UsageError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise UsageError(f"model={cfg.model}: {str(error).splitlines()[0]}") from error
+
+
+def check_init(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """``init=PATH`` is readable and fits the classifier (only the head may be missing): the real loader runs on
+    the ``meta`` model, where copying is a no-op."""
+    if not cfg.get("init"):
+        return
+    from sparkme.models.dense_weights import load_pretrained_dense
+
+    path = Path(str(cfg.init)).expanduser()
+    if not path.is_file():
+        raise UsageError(f"init={cfg.init!r} is not a file: give a pretrained file (sparkme checkpoint or export, "
+                         "SparK's released weights, timm / torchvision state dict)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # copying into meta parameters does nothing: intended
+        load_pretrained_dense(model, str(cfg.model), path)
+
+
+def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
+    if cfg.resume is None:
+        return
+    if cfg.resume == "auto":
+        path = Path(str(cfg.run_dir)) / "checkpoints" / LATEST if cfg.get("run_dir") else None
+        if path is None or not path.is_file():
+            return
+    else:
+        path = Path(str(cfg.resume)).expanduser()
+        if not path.is_file():
+            raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
+                             "fine-tuning checkpoint")
+    try:
+        state = load_checkpoint(path)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+    fit_checkpoint(state, model, str(cfg.model), str(path), "finetune")
+
+
+def check_finetune_config(cfg: DictConfig) -> None:
+    """Raise ``UsageError`` naming the first bad value of a fine-tuning ``cfg`` and what is accepted."""
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise UsageError("data.root is required: a folder with train/<class>/... and val/<class>/..., or one "
+                         "folder of <class>/... with data.val_fraction=0.1")
+    check_trainer(cfg)
+    check_logger(cfg)
+    check_image_size(cfg.image_size)
+    recipe = resolve_recipe(cfg)
+    check_recipe(recipe)
+    layout = check_labelled_root(cfg.data.root, cfg.data.val_fraction)
+    model = _meta_classifier(cfg, len(layout.classes), recipe)
+    check_init(cfg, model)
+    check_resume(cfg, model)

@@ -1,0 +1,49 @@
+"""``sparkme-finetune``: the hydra entry point; all the work is in ``sparkme.finetune.loop.finetune``.
+
+User errors end in one line, ``sparkme-finetune: error: ...``, with exit status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from sparkme.cli import CONFIG_DIR, check_group_choices
+from sparkme.errors import UsageError, exit_with_usage_error, run_reporting_usage_errors
+
+COMMAND = "sparkme-finetune"
+GROUPS = ("logger",)  # the config groups of conf/finetune.yaml; ``model=`` is a plain value here
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="finetune")
+def _hydra_main(cfg: DictConfig) -> None:
+    if cfg.run_dir is None:
+        with open_dict(cfg):
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
+    run_reporting_usage_errors(COMMAND, lambda: _finetune_and_report(cfg))
+
+
+def _finetune_and_report(cfg: DictConfig) -> None:
+    from sparkme.finetune.loop import finetune
+
+    summary = finetune(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+
+
+def main() -> None:
+    try:
+        check_group_choices([arg for arg in sys.argv[1:] if arg.split("=", 1)[0].lstrip("+~") in GROUPS])
+    except UsageError as error:
+        exit_with_usage_error(COMMAND, error)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
