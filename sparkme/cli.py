@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 
 from sparkme.engine.pretrain import pretrain
 from sparkme.errors import UsageError, exit_with_usage_error, run_reporting_usage_errors
+from sparkme.hydra_output import defer_hydra_output, hold_hydra_output
 
 COMMAND = "sparkme-pretrain"
 # sparkme/conf is a link to the checkout's top-level conf/ (the single source); a wheel carries the files themselves
@@ -50,12 +51,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
+    write_after_lock = hold_hydra_output(cfg)  # hydra's records and log go to run_dir once the job holds it
     # hydra reports a job's exception with its own traceback; a user error leaves here as one line instead.
-    run_reporting_usage_errors(COMMAND, lambda: _pretrain_and_report(cfg))
+    run_reporting_usage_errors(COMMAND, lambda: _pretrain_and_report(cfg, write_after_lock))
 
 
-def _pretrain_and_report(cfg: DictConfig) -> None:
-    summary = pretrain(cfg)
+def _pretrain_and_report(cfg: DictConfig, write_after_lock) -> None:
+    summary = pretrain(cfg, on_hold=write_after_lock)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
 
@@ -65,6 +67,7 @@ def main() -> None:
         check_group_choices(sys.argv[1:])
     except UsageError as error:
         exit_with_usage_error(COMMAND, error)
+    sys.argv[1:] = defer_hydra_output(sys.argv[1:])
     _hydra_main()
 
 

@@ -89,3 +89,37 @@ def test_a_holder_whose_lock_was_taken_over_stops_itself(tmp_path):
     finally:
         lock.release()
     assert json.loads((tmp_path / HOLDER_NAME).read_text())["token"] == "theirs"  # not deleted: not ours
+
+
+def _tree(folder) -> dict:
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["run_dir", "hydra.run.dir"])
+def test_a_refused_job_leaves_no_trace_and_the_holder_gets_hydras_records_in_run_dir(tmp_path, where):
+    # hydra writes .hydra/ and opens its log before the task: a refused job used to overwrite the first job's records
+    cli = [sys.executable, "-m", "sparkme.cli", "debug=fast", "backend=torch", "trainer.max_steps=1",
+           "trainer.vis_every=0", "export_formats=[]"]
+    run_dir, repo = tmp_path / "run", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- the first job's overrides\n")
+    (run_dir / "cli.log").write_text("the first job's log\n")
+    with RunLock(run_dir, heartbeat_s=3600):  # the holder's own record stays still while the other job runs
+        before = _tree(run_dir)
+        refused = subprocess.run([*cli, f"{where}={run_dir}", "seed=7"], cwd=tmp_path, capture_output=True,
+                                 text=True, env=dict(os.environ, PYTHONPATH=repo))
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "is in use by another job" in refused.stderr
+        assert _tree(run_dir) == before
+    # the job that holds the directory writes hydra's records and log there, whichever directory hydra had
+    held = subprocess.run([*cli, f"run_dir={run_dir}", "seed=8"], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=repo))
+    assert held.returncode == 0, held.stderr[-3000:]
+    assert "seed=8" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "seed: 8" in (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "output_subdir: null" in (run_dir / ".hydra" / "hydra.yaml").read_text()
+    log = (run_dir / "cli.log").read_text().splitlines()
+    assert log[0] == "the first job's log" and log[1].startswith("[20"), log  # appended there, not in hydra's dir
+    assert not list((tmp_path / "runs").rglob("*.log")) and not list((tmp_path / "runs").rglob(".hydra"))

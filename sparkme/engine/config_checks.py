@@ -42,6 +42,9 @@ def check_trainer(cfg: DictConfig) -> None:
         raise UsageError(f"trainer.max_steps must be null or an integer >= 1, got {trainer.max_steps!r}")
     if trainer.max_steps is None and (not isinstance(trainer.epochs, int) or trainer.epochs < 1):
         raise UsageError(f"trainer.epochs must be an integer >= 1, got {trainer.epochs!r}")
+    timeout = trainer.get("dist_timeout_s")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:
+        raise UsageError(f"trainer.dist_timeout_s must be an integer number of seconds >= 1, got {timeout!r}")
     if trainer.amp not in AMP_CHOICES:
         raise UsageError(f"trainer.amp must be null, bf16 or fp16, got {trainer.amp!r}")
     device = str(trainer.device)

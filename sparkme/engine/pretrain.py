@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,13 +124,18 @@ def _fixed_batch(cfg: DictConfig, model, device, count: int) -> tuple[torch.Tens
 
 
 # --- the table of contents -------------------------------------------------------------------------------------
-def pretrain(cfg: DictConfig) -> dict:
-    """Run SparK pretraining as configured; returns a summary (losses, steps, paths)."""
+def pretrain(cfg: DictConfig, on_hold: Callable[[], None] | None = None) -> dict:
+    """Run SparK pretraining as configured; returns a summary (losses, steps, paths).
+
+    ``on_hold`` is called on rank 0 once the run directory is held (the CLI writes hydra's records there then, so
+    that a job refused by the lock leaves no trace in another job's directory)."""
     check_config(cfg)  # user errors at start-up, before anything heavy
-    dist_info = setup_distributed(cfg.trainer.device)
+    dist_info = setup_distributed(cfg.trainer.device, int(cfg.trainer.dist_timeout_s))
     lock = None
     try:
         lock = hold_run_dir(Path(cfg.run_dir), dist_info)
+        if on_hold is not None and dist_info.is_main:
+            on_hold()
         run = _build(cfg, dist_info, lock)
         _restore(run)
         _start(run)
