@@ -9,8 +9,8 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from conftest import SPARSE_BACKENDS, relative_error
+from sparkme.convert import check_graph, run_graph, trace_to_features
 from sparkme.masking import mask_at_stride, num_visible, random_mask
-from sparkme.models.sparse_graph import check_graph, last_uses, run_graph, trace_to_features
 from sparkme.sparse import sparse_from_images
 
 grids = st.tuples(st.integers(1, 4), st.integers(1, 4))
@@ -44,7 +44,7 @@ def _run_sparse(stack: nn.Sequential, x):
     """``stack`` through the encoder's own graph machinery: traced, checked against the op table, run sparsely."""
     traced = trace_to_features(stack, [str(len(stack) - 1)])
     check_graph(traced.graph, traced)
-    return run_graph(traced.graph, traced, x, last_uses(traced.graph))[0]
+    return run_graph(traced.graph, traced, x)[0]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

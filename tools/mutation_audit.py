@@ -136,7 +136,7 @@ MUTATIONS = [
     Mutation(
         "convnext-block-skips-drop-path",
         "the ConvNeXt block never applies its DropPath",
-        (_edit("sparkme/models/convnext_leaf.py",
+        (_edit("sparkme/convert/convnext_leaf.py",
                ("        out = ops.drop_path(out, block.drop_path)\n", "        out = out\n")),),
         (("tests/test_dropout_oracle.py", "-k", "convnext"),)),
     # --- extra mutations, not in the issue's table ---------------------------------------------------------------
@@ -157,7 +157,7 @@ MUTATIONS = [
     Mutation(
         "residual-block-skips-drop-path",
         "timm ResNet blocks never apply their DropPath",
-        (_edit("sparkme/models/sparse_ops.py",
+        (_edit("sparkme/convert/op_table.py",
                ("    timm.layers.DropPath: SparseOp(lambda drop, x: ops.drop_path(x, drop)),",
                 "    timm.layers.DropPath: SparseOp(_identity),")),),
         (("tests/test_dropout_oracle.py", "-k", "resnet18"),), issue_table=False),

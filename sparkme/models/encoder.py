@@ -5,7 +5,7 @@
 >>> dense = enc.to_dense()      # the dense model again, loading the sparse weights with strict=True
 
 The dense model's forward is traced with ``torch.fx`` up to its four feature levels (``feature_levels``); every
-operation that touches a sparse map is checked against the op table (``sparse_ops``) at conversion. The encoder
+operation that touches a sparse map is checked against the op table (``sparkme.convert``) at conversion. The encoder
 registers the modules that graph uses under their own dotted names, so its state dict keys and shapes are exactly
 the dense model's (minus the unused head): export is a ``load_state_dict(strict=True)``.
 """
@@ -17,9 +17,8 @@ import copy
 import torch
 from torch import nn
 
+from sparkme.convert import check_graph, feature_levels, run_graph, trace_to_features
 from sparkme.masking import check_image_size
-from sparkme.models.feature_levels import feature_levels
-from sparkme.models.sparse_graph import check_graph, last_uses, run_graph, trace_to_features
 from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext
 from sparkme.sparse.registry import get_backend
@@ -30,7 +29,7 @@ class SparseEncoder(nn.Module):
 
     Args:
         dense_model: a torchvision ResNet or a timm ConvNet with ``feature_info`` at strides 4, 8, 16, 32 whose
-            operations are all in ``sparkme.models.sparse_ops``; it is copied, never modified.
+            operations are all in ``sparkme.convert.op_table``; it is copied, never modified.
         backend: ``"minkowski"``, ``"torch"`` or ``"masked"`` (see ``sparkme.available_backends()``).
 
     Raises:
@@ -55,7 +54,6 @@ class SparseEncoder(nn.Module):
         graph = traced.graph
         check_graph(graph, self)
         self.__dict__["_graph"] = graph
-        self.__dict__["_last_uses"] = last_uses(graph)
         self.feature_info = levels
         # SparK's densifying norm follows the encoder's own: LayerNorm for ConvNeXt, BatchNorm for the rest.
         self.densify_norm = "ln" if any(isinstance(m, nn.LayerNorm) for m in self.modules()) else "bn"
@@ -92,7 +90,7 @@ class SparseEncoder(nn.Module):
         if mask.shape[0] != images.shape[0]:
             raise ValueError(f"mask batch {mask.shape[0]} does not match images batch {images.shape[0]}")
         x = self._map_class.from_images(images, MaskContext(mask, images.shape[2:]))
-        return list(run_graph(self.__dict__["_graph"], self, x, self.__dict__["_last_uses"]))
+        return list(run_graph(self.__dict__["_graph"], self, x))
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Returns 4 dense tensors ``(B, C_i, H/s, W/s)`` for s = 4, 8, 16, 32, exactly zero at masked sites."""

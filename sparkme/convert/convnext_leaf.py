@@ -12,6 +12,7 @@ import timm.models.convnext as timm_convnext
 from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
+from sparkme.convert.pointwise import is_pointwise
 from sparkme.sparse import ops
 from sparkme.sparse.base import SparseMap, conv_taps
 from sparkme.sparse.context import conv_geometry
@@ -65,8 +66,7 @@ def check_block(block: timm_convnext.ConvNeXtBlock, args=(), kwargs=None) -> str
     for layer in layers:
         if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.stride != (1, 1)):
             return f"MLP conv {layer} (only 1x1 stride-1 convs are per site)"
-        if layer is not None and not isinstance(layer, (nn.Identity, nn.LayerNorm, nn.Linear, nn.Conv2d, nn.Dropout,
-                                                        GlobalResponseNorm)) \
-                and type(layer).__module__ not in ("torch.nn.modules.activation", "timm.layers.activations"):
+        if layer is not None and not isinstance(layer, (nn.LayerNorm, nn.Linear, nn.Conv2d, GlobalResponseNorm)) \
+                and not is_pointwise(layer):
             return f"layer {type(layer).__name__} has no per-site meaning"
     return None

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
 from torch import nn
 
-from sparkme.models import convnext_leaf
+from sparkme.convert import convnext_leaf
+from sparkme.convert.pointwise import is_pointwise
 from sparkme.sparse import ops
 from sparkme.sparse.base import SparseMap, conv_taps
 from sparkme.sparse.context import conv_geometry
@@ -49,19 +50,6 @@ class SparseOp:
 
 
 # --- modules --------------------------------------------------------------------------------------------------------
-# Elementwise activations: f(x) per site and channel, the same on any layout. PReLU (a per-channel weight on dim 1)
-# and GLU/softmax (they mix channels or positions) are not elementwise.
-POINTWISE_MODULE_FILES = ("torch.nn.modules.activation", "timm.layers.activations", "timm.layers.activations_me")
-NOT_POINTWISE = {"PReLU", "GLU", "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention"}
-
-
-def is_pointwise_module(module: nn.Module) -> bool:
-    kind = type(module)
-    if kind in (nn.Identity, nn.Dropout):
-        return True
-    return kind.__module__ in POINTWISE_MODULE_FILES and kind.__name__ not in NOT_POINTWISE
-
-
 def _conv_settings(conv: nn.Conv2d, args=(), kwargs=None) -> str | None:
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding has a sparse meaning)"
@@ -76,14 +64,18 @@ def _conv_settings(conv: nn.Conv2d, args=(), kwargs=None) -> str | None:
 def _norm_act_settings(bn: BatchNormAct2d, args=(), kwargs=None) -> str | None:
     for part in ("drop", "act"):
         child = getattr(bn, part, None)
-        if child is not None and not is_pointwise_module(child):
+        if child is not None and not is_pointwise(child):
             return f"its {part} {type(child).__name__} is not an elementwise op"
     return None
 
 
+def _pool_args(pool: nn.Module) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of a square pool (an int or the first of a pair)."""
+    return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
+
+
 def _pool_settings(pool: nn.Module, args=(), kwargs=None) -> str | None:
-    kernel, stride, padding = (v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride,
-                                                                            pool.padding))
+    kernel, stride, padding = _pool_args(pool)
     if getattr(pool, "dilation", 1) not in (1, (1, 1)) or getattr(pool, "return_indices", False):
         return "dilation != 1 or return_indices"
     if getattr(pool, "divisor_override", None) is not None:
@@ -97,10 +89,6 @@ def _pool_settings(pool: nn.Module, args=(), kwargs=None) -> str | None:
     except ValueError as error:
         return str(error)
     return None
-
-
-def _pool_args(pool: nn.Module) -> tuple[int, int, int]:
-    return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
 
 
 def _identity(module, x, *args, **kwargs):
@@ -127,7 +115,7 @@ MODULE_OPS: Mapping[type, SparseOp] = MappingProxyType({
 def module_op(module: nn.Module) -> SparseOp | None:
     """The entry for ``module`` (exact class: a subclass may change ``forward``), activations by their file."""
     op = MODULE_OPS.get(type(module))
-    if op is None and is_pointwise_module(module):
+    if op is None and is_pointwise(module):
         return SparseOp(lambda act, x: ops.pointwise(x, act))
     return op
 
