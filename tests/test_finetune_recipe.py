@@ -306,6 +306,8 @@ def test_lr_every_iteration_is_sparks(model_name, iters_per_epoch):
         assert schedule.step(it) == pytest.approx(expected, rel=1e-12, abs=0)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3 * expected, rel=1e-12, abs=0)
         assert optimizer.param_groups[1]["lr"] == pytest.approx(expected, rel=1e-12, abs=0)
+    same = FinetuneSchedule.for_recipe(optimizer, recipe, iters_per_epoch, recipe.global_batch)
+    assert (same.peak_lr, same.warmup_iters, same.total_iters) == (peak, wp_it, max_it)
     assert schedule.step(0) == pytest.approx(0.005 * peak)
     assert schedule.step(wp_it) == pytest.approx(peak)
     assert schedule.step(max_it - 1) == pytest.approx(0.001 * peak)

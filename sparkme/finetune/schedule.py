@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from sparkme.finetune.recipes import FinetuneRecipe
+
 
 def spark_lr(it: int, peak_lr: float, warmup_iters: float, total_iters: int) -> float:
     """The lr at iteration ``it`` (0-based) before layer decay. Past the last iteration it stays at the floor."""
@@ -32,6 +34,14 @@ class FinetuneSchedule:
         self.peak_lr = peak_lr
         self.warmup_iters = warmup_iters
         self.total_iters = total_iters
+
+    @classmethod
+    def for_recipe(cls, optimizer: torch.optim.Optimizer, recipe: FinetuneRecipe, iters_per_epoch: int,
+                   global_batch: int) -> FinetuneSchedule:
+        """SparK's call: peak ``recipe.peak_lr(global_batch)``, warm-up ``warmup_epochs * iters_per_epoch``,
+        ``epochs * iters_per_epoch`` iterations in all."""
+        return cls(optimizer, recipe.peak_lr(global_batch), recipe.warmup_epochs * iters_per_epoch,
+                   recipe.epochs * iters_per_epoch)
 
     def step(self, it: int) -> float:
         """Set the lr for iteration ``it`` (call before ``optimizer.step()``); returns the unscaled lr."""
