@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,13 +128,16 @@ def _numpy_seeded(seed: int):
 
 
 # --- the table of contents -------------------------------------------------------------------------------------
-def finetune(cfg: DictConfig) -> dict:
-    """Fine-tune as configured; returns a summary (accuracies, best, paths)."""
+def finetune(cfg: DictConfig, on_hold: Callable[[], None] | None = None) -> dict:
+    """Fine-tune as configured; returns a summary (accuracies, best, paths). ``on_hold`` is called on rank 0 once
+    the run directory is held (the CLI writes hydra's records there then)."""
     check_finetune_config(cfg)  # user errors at start-up, before anything heavy
-    dist_info = setup_distributed(cfg.trainer.device)
+    dist_info = setup_distributed(cfg.trainer.device, int(cfg.trainer.dist_timeout_s))
     lock = None
     try:
         lock = hold_run_dir(Path(cfg.run_dir), dist_info)
+        if on_hold is not None and dist_info.is_main:
+            on_hold()
         run = _build(cfg, dist_info, lock)
         _restore(run)
         _start(run)
