@@ -7,6 +7,7 @@ SparK's formulas) and compared with what sparkme builds from timm models.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -43,7 +44,9 @@ SPARK_N = {"resnet50": 6, "resnet101": 12, "resnet152": 13, "resnet200": 17,
            "convnext_small": 12, "convnext_base": 12, "convnext_large": 12}
 
 
+@functools.cache
 def meta_model(name: str) -> torch.nn.Module:
+    """A timm model on the meta device (no memory, no init time), built once per name; tests must not modify it."""
     with torch.device("meta"):
         return timm.create_model(name, pretrained=False)
 
@@ -179,7 +182,8 @@ def test_no_decay_for_gamma_bias_and_1d_and_layer_decay_off_outside_0_1():
 
 
 def test_frozen_parameters_are_left_out():
-    model = meta_model("resnet18")
+    with torch.device("meta"):
+        model = timm.create_model("resnet18")
     model.conv1.weight.requires_grad_(False)
     groups = param_groups(model, "resnet18", 0.02, 0.7)
     assert all(p is not model.conv1.weight for g in groups for p in g["params"])
