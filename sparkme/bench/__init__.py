@@ -28,5 +28,6 @@ Results: a table on stdout, ``results.csv``, ``results.json`` and ``speedup.png`
 from sparkme.bench.cli import main
 from sparkme.bench.report import COLUMNS
 from sparkme.bench.run import run_benchmark
+from sparkme.bench.settings import BenchSettings
 
-__all__ = ["COLUMNS", "main", "run_benchmark"]
+__all__ = ["COLUMNS", "BenchSettings", "main", "run_benchmark"]

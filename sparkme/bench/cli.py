@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sparkme.bench.run import DEFAULT_MODELS, DEFAULT_RATIOS, run_benchmark
-from sparkme.bench.settings import REFERENCE, resolve_device, validate
+from sparkme.bench.run import run_benchmark
+from sparkme.bench.settings import DEFAULT_MODELS, DEFAULT_RATIOS, REFERENCE, BenchSettings
 from sparkme.errors import run_reporting_usage_errors
 from sparkme.masking import PATCH_SIZE
 from sparkme.models.spark import DENSE_LAYOUTS
@@ -67,17 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    validate(args.models, args.backends, args.ratios, args.batch_sizes, args.image_size, args.repeats, args.warmup,
-             args.dense_layout)  # before any work: a typo fails in a second
-    device = resolve_device(args.device)
+    settings = BenchSettings(  # checked before any work: a typo fails in a second
+        args.models, args.backends, args.ratios, args.batch_sizes, args.image_size, args.repeats, args.warmup,
+        args.device, args.train_step, args.out, args.dense_layout, args.bf16)
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats} < 3: the medians are noisy", flush=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+    print(f"torch {torch.__version__}, device {settings.device}, {torch.get_num_threads()} threads, "
           f"image {args.image_size}px, {args.repeats} repeats after {args.warmup} warm-up", flush=True)
-    run_benchmark(args.models, args.backends, args.ratios, args.batch_sizes, args.image_size, args.repeats,
-                  args.warmup, device, args.train_step, args.out, args.dense_layout, args.bf16)
+    run_benchmark(settings)
     print(f"wrote results.csv, results.json and speedup.png to {args.out}", flush=True)
 
 

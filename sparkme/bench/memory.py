@@ -10,6 +10,9 @@ activation peak; on CUDA the benchmark reads ``torch.cuda.max_memory_allocated``
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -58,7 +61,9 @@ def saved_activation_bytes(forward: Callable[[], Sequence[torch.Tensor]], exclud
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         add(tensor)
-        return tensor
+        # Detached: a saved *output* packed as itself holds its own grad_fn, a cycle through C++ that Python's gc
+        # cannot see, so the whole graph (activations, and the model through AccumulateGrad) would never be freed.
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         outputs = forward()
@@ -68,3 +73,14 @@ def saved_activation_bytes(forward: Callable[[], Sequence[torch.Tensor]], exclud
         for value in getattr(node, "__dict__", {}).values():
             add(value)
     return sum(counted.values())
+
+
+def release_memory(device: torch.device) -> None:
+    """Give the memory of finished configurations back: collect Python's cycles, empty CUDA's caching allocator and
+    trim glibc's heap (freed blocks of a big model otherwise stay in the process, fragmented, as resident memory)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    libc = ctypes.util.find_library("c")
+    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc only (not musl, macOS)
+        ctypes.CDLL(libc).malloc_trim(0)

@@ -2,81 +2,60 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from sparkme.bench import steps
-from sparkme.bench.memory import saved_activation_bytes
+from sparkme.bench.memory import release_memory, saved_activation_bytes
 from sparkme.bench.report import format_table, write_results
-from sparkme.bench.settings import REFERENCE, resolve_device, validate
+from sparkme.bench.settings import REFERENCE, BenchSettings
 from sparkme.bench.steps import REFERENCE_STEP, Variant
 from sparkme.bench.timing import median_ms, timed
 from sparkme.masking import PATCH_SIZE, num_visible, random_mask
 from sparkme.models.spark import SparK, dense_memory_format
 
-DEFAULT_MODELS = ("resnet50", "convnext_small")
-DEFAULT_RATIOS = (0.6, 0.75)
 SEED = 0
 
-def run_benchmark(
-    models: Sequence[str],
-    backends: Sequence[str],
-    ratios: Sequence[float] = DEFAULT_RATIOS,
-    batch_sizes: Sequence[int] = (8,),
-    image_size: int = 224,
-    repeats: int = 3,
-    warmup: int = 1,
-    device: str | torch.device | None = None,
-    include_train_step: bool = True,
-    out_dir: str | Path | None = "bench_results",
-    dense_layout: str = "auto",
-    bf16: bool = False,
-    decoder_width: int = steps.DECODER_WIDTH,
-) -> list[dict]:
-    """Benchmark every backend on every model x batch size x mask ratio (see the package docstring).
 
-    Prints the table and, when ``out_dir`` is given, writes ``results.csv``, ``results.json`` and ``speedup.png``.
-    ``repeats=1, warmup=0`` is allowed (smoke tests); real numbers want ``repeats >= 3`` after a warm-up.
+def run_benchmark(settings: BenchSettings) -> list[dict]:
+    """Benchmark every backend on every model x batch size x mask ratio of ``settings`` (see the package docstring).
 
-    Args:
-        dense_layout: ``SparK.dense_layout`` of the backends' steps (the reference step is always contiguous).
-        bf16: run the backends' dense half under bf16 autocast (opt-in: changes the maths; not the reference).
-        decoder_width: the decoder's first width (the paper's 768; smaller only for smoke tests).
+    Prints the table and, when ``settings.out_dir`` is given, writes ``results.csv``, ``results.json`` and
+    ``speedup.png``. Each model's memory is given back before the next is built (``release_memory``), so a long list
+    of models needs the memory of its largest, not of all.
 
     Returns:
         one dict per (model, batch, ratio, variant) with the keys of ``COLUMNS``: one row per backend, then (with
         the train step) the ``reference`` row, whose encoder columns are None. Values not measured are None.
     """
-    models, backends, ratios, batch_sizes = validate(models, backends, ratios, batch_sizes, image_size, repeats,
-                                                     warmup, dense_layout)
-    device = resolve_device(device)
-    all_variants = steps.variants(backends, dense_layout, bf16)
-    if not include_train_step:
+    device = settings.device
+    all_variants = steps.variants(list(settings.backends), settings.dense_layout, settings.bf16)
+    if not settings.include_train_step:
         all_variants = [v for v in all_variants if v.name != REFERENCE_STEP]
     rows: list[dict] = []
-    for model_name in models:
+    for model_name in settings.models:
         torch.manual_seed(SEED)
-        model = steps.build_model(model_name, device, decoder_width)
-        for batch in batch_sizes:
-            optimizer = steps.make_optimizer(model, model_name, batch) if include_train_step else None
-            for ratio in ratios:
+        model = steps.build_model(model_name, device, settings.decoder_width)
+        for batch in settings.batch_sizes:
+            optimizer = steps.make_optimizer(model, model_name, batch) if settings.include_train_step else None
+            for ratio in settings.ratios:
                 _progress(f"{model_name} batch {batch} ratio {ratio:g} on {device}")
-                images, mask = _inputs(batch, ratio, image_size, device)
-                measured = _measure(model, optimizer, all_variants, images, mask, repeats, warmup)
-                new_rows = _rows(model_name, all_variants, measured, images, ratio, repeats, warmup)
+                images, mask = _inputs(batch, ratio, settings.image_size, device)
+                measured = _measure(model, optimizer, all_variants, images, mask, settings.repeats, settings.warmup)
+                new_rows = _rows(model_name, all_variants, measured, images, ratio, settings.repeats, settings.warmup)
                 _progress("\n" + format_table(new_rows))  # long runs: each configuration's rows as soon as known
                 rows += new_rows
+                del images, mask, measured
             del optimizer
+            release_memory(device)
         del model
-        gc.collect()
+        release_memory(device)
     print(format_table(rows), flush=True)
-    if out_dir is not None:
-        write_results(rows, Path(out_dir))
+    if settings.out_dir is not None:
+        write_results(rows, Path(settings.out_dir))
     return rows
 
 

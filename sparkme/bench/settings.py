@@ -1,97 +1,96 @@
-"""Checks of the benchmark settings, all run before any model is built so that a typo fails in a second."""
+"""What one benchmark run measures, checked once when built: a typo fails in a second, before any model is built."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import timm
 import torch
 
+from sparkme.bench.steps import DECODER_WIDTH
+from sparkme.engine.config_checks import usable_backend
+from sparkme.engine.distributed import resolve_device
 from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
-from sparkme.models.backbones import SUPPORTED_PREFIXES, TESTED_MODELS
+from sparkme.models.families import SUPPORTED_PREFIXES, TESTED_MODELS
 from sparkme.models.spark import DENSE_LAYOUTS
-from sparkme.sparse.registry import BACKEND_NAMES, get_backend
+from sparkme.sparse.registry import BACKEND_NAMES
 
 REFERENCE = "masked"  # the backend every ratio is taken against
+DEFAULT_MODELS = ("resnet50", "convnext_small")
+DEFAULT_RATIOS = (0.6, 0.75)
 
 
 def check_model_name(name: str) -> str:
-    """``name`` when timm has it and sparkme supports its family (``backbones.TESTED_MODELS``), else a UsageError."""
+    """``name`` when timm has it and sparkme supports its family (``families.TESTED_MODELS``), else a UsageError."""
     if not (name.startswith(SUPPORTED_PREFIXES) and timm.is_model(name)):
         raise UsageError(f"unknown model {name!r}; choose a timm model of a supported family: "
                          + ", ".join(f"{family} (e.g. {model})" for family, model in TESTED_MODELS.items()))
     return name
 
 
-def check_backends(backends: Sequence[str]) -> list[str]:
-    """Deduplicated backends in the given order, with ``masked`` appended when missing (it is the reference).
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """The settings of one ``run_benchmark``; built only valid (``__post_init__`` raises ``UsageError`` naming the
+    first bad value) and normalised: lists deduplicated in their order, ``masked`` appended to the backends (it is
+    the reference), the device resolved.
 
-    Raises:
-        UsageError: an unknown name (the message lists the choices) or a backend whose library is missing.
+    Attributes:
+        models: timm backbones of a supported family.
+        backends: sparse backends to time.
+        ratios: mask ratios in [0, 1).
+        batch_sizes: images per step.
+        image_size: square side, a multiple of 32.
+        repeats: timed runs per variant (median reported); ``repeats=1, warmup=0`` is for smoke tests.
+        warmup: untimed runs per variant first.
+        device: ``auto`` / None (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        include_train_step: also time the whole SparK training step and the reference step.
+        out_dir: folder for ``results.csv`` / ``results.json`` / ``speedup.png``; None writes nothing.
+        dense_layout: ``SparK.dense_layout`` of the backends' steps (the reference step is always contiguous).
+        bf16: run the backends' dense half under bf16 autocast (opt-in: changes the maths; not the reference).
+        decoder_width: the decoder's first width (the paper's 768; smaller only for smoke tests).
     """
-    names: list[str] = []
-    for name in backends:
-        if name not in BACKEND_NAMES:
-            raise UsageError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
-        if name not in names:
-            names.append(name)
-    if REFERENCE not in names:
-        names.append(REFERENCE)
-    for name in names:
+
+    models: Sequence[str] = DEFAULT_MODELS
+    backends: Sequence[str] = BACKEND_NAMES
+    ratios: Sequence[float] = DEFAULT_RATIOS
+    batch_sizes: Sequence[int] = (8,)
+    image_size: int = 224
+    repeats: int = 3
+    warmup: int = 1
+    device: str | torch.device | None = None
+    include_train_step: bool = True
+    out_dir: str | Path | None = "bench_results"
+    dense_layout: str = "auto"
+    bf16: bool = False
+    decoder_width: int = DECODER_WIDTH
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise UsageError("no model given; pass at least one, e.g. resnet50")
+        if not self.ratios:
+            raise UsageError("no mask ratio given; pass at least one in [0, 1), e.g. 0.6")
+        if not self.batch_sizes:
+            raise UsageError("no batch size given; pass at least one integer >= 1")
+        models = tuple(check_model_name(m) for m in dict.fromkeys(self.models))
+        backends = tuple(usable_backend(b) for b in dict.fromkeys([*self.backends, REFERENCE]))
         try:
-            get_backend(name)
-        except ImportError as error:
+            ratios = tuple(check_mask_ratio(r) for r in dict.fromkeys(self.ratios))
+            check_image_size(self.image_size, self.image_size)
+        except ValueError as error:
             raise UsageError(str(error)) from error
-    return names
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> cuda when available, else cpu; a UsageError for an unusable device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise UsageError(f"unknown device {str(device)!r}; choose auto, cpu, cuda or cuda:N") from error
-    if resolved.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported device {str(device)!r}; choose auto, cpu, cuda or cuda:N")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {str(device)!r} requested but CUDA is not available; choose auto or cpu")
-    return resolved
-
-
-def validate(
-    models: Sequence[str],
-    backends: Sequence[str],
-    ratios: Sequence[float],
-    batch_sizes: Sequence[int],
-    image_size: int,
-    repeats: int,
-    warmup: int,
-    dense_layout: str = "auto",
-) -> tuple[list[str], list[str], list[float], list[int]]:
-    """Deduplicated, checked ``(models, backends, ratios, batch_sizes)``; a UsageError names the first bad value."""
-    if not models:
-        raise UsageError("no model given; pass at least one, e.g. resnet50")
-    if not ratios:
-        raise UsageError("no mask ratio given; pass at least one in [0, 1), e.g. 0.6")
-    if not batch_sizes:
-        raise UsageError("no batch size given; pass at least one integer >= 1")
-    models = [check_model_name(m) for m in dict.fromkeys(models)]
-    backends = check_backends(backends)
-    try:
-        ratios = [check_mask_ratio(r) for r in dict.fromkeys(ratios)]
-        check_image_size(image_size, image_size)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    for batch in batch_sizes:
-        if int(batch) != batch or batch < 1:
-            raise UsageError(f"batch size must be an integer >= 1, got {batch}")
-    if repeats < 1:
-        raise UsageError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise UsageError(f"warmup must be >= 0, got {warmup}")
-    if dense_layout not in DENSE_LAYOUTS:
-        raise UsageError(f"unknown dense layout {dense_layout!r}; choose from {', '.join(DENSE_LAYOUTS)}")
-    return models, backends, ratios, [int(b) for b in dict.fromkeys(batch_sizes)]
+        for batch in self.batch_sizes:
+            if int(batch) != batch or batch < 1:
+                raise UsageError(f"batch size must be an integer >= 1, got {batch}")
+        if self.repeats < 1:
+            raise UsageError(f"repeats must be >= 1, got {self.repeats}")
+        if self.warmup < 0:
+            raise UsageError(f"warmup must be >= 0, got {self.warmup}")
+        if self.dense_layout not in DENSE_LAYOUTS:
+            raise UsageError(f"unknown dense layout {self.dense_layout!r}; choose from {', '.join(DENSE_LAYOUTS)}")
+        device = resolve_device("auto" if self.device is None else self.device, "--device", allow_index=True)
+        for name, value in dict(models=models, backends=backends, ratios=ratios, device=device,
+                                batch_sizes=tuple(int(b) for b in dict.fromkeys(self.batch_sizes))).items():
+            object.__setattr__(self, name, value)  # frozen: normalised once, here

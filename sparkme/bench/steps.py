@@ -14,15 +14,11 @@ from timm.optim import param_groups_weight_decay
 
 from sparkme.bench.timing import synchronize
 from sparkme.engine.fused_lamb import FusedLamb
+from sparkme.models.families import PRETRAIN_RECIPE, pretrain_betas
 from sparkme.models.spark import SparK, build_spark
 
 REFERENCE_STEP = "reference"  # masked backend, plain dense half: SparK's own step
 DECODER_WIDTH = 768  # the paper's
-# Pretraining's optimizer (conf/optim/lamb.yaml, conf/sched/spark.yaml, conf/trainer/default.yaml): LAMB with the
-# global-norm clip done outside it, base lr 2e-4 x batch / 256, weight decay from 0.04, no decay on mask tokens.
-BASE_LR = 2e-4
-WEIGHT_DECAY = 0.04
-CLIP_GRAD = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,19 +56,17 @@ def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False
 
 
 def build_model(model_name: str, device: torch.device, decoder_width: int = DECODER_WIDTH) -> SparK:
-    """SparK around a fresh ``model_name`` (SparK's drop-path rate), by default with the paper's decoder."""
+    """SparK around a fresh ``model_name`` (its family's drop-path rate), by default with the paper's decoder."""
     return build_spark(model_name, "masked", decoder_width=decoder_width).to(device).train()
 
 
-def lamb_betas(model_name: str) -> tuple[float, float]:
-    """SparK's LAMB betas: 0.9/0.999 for ConvNeXt, 0.9/0.95 for ResNet."""
-    return (0.9, 0.999) if model_name.startswith("convnext") else (0.9, 0.95)
-
-
 def make_optimizer(model: SparK, model_name: str, batch: int) -> torch.optim.Optimizer:
-    """LAMB as in pretraining: ``FusedLamb`` (timm's LAMB with a compiled update; ``fused = False`` is timm's step)."""
-    groups = param_groups_weight_decay(model, WEIGHT_DECAY, no_weight_decay_list=("mask_token",))
-    return FusedLamb(groups, lr=BASE_LR * batch / 256, betas=lamb_betas(model_name), max_grad_norm=None)
+    """LAMB as in pretraining (``families.PRETRAIN_RECIPE``, the family's betas, the global-norm clip done outside
+    it, no decay on mask tokens): ``FusedLamb`` (timm's LAMB with a compiled update; ``fused = False`` is timm's
+    step)."""
+    groups = param_groups_weight_decay(model, PRETRAIN_RECIPE.weight_decay, no_weight_decay_list=("mask_token",))
+    return FusedLamb(groups, lr=PRETRAIN_RECIPE.base_lr * batch / 256, betas=pretrain_betas(model_name),
+                     max_grad_norm=None)
 
 
 def encoder_step(model: SparK, images: torch.Tensor, mask: torch.Tensor) -> None:
@@ -88,7 +82,7 @@ def train_step(model: SparK, optimizer: torch.optim.Optimizer, images: torch.Ten
     loss.backward()
     synchronize(images.device)
     start = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), PRETRAIN_RECIPE.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     synchronize(images.device)

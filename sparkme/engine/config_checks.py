@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sparkme.engine.distributed import DEVICE_CHOICES
+from sparkme.engine.distributed import resolve_device
 from sparkme.engine.logging import WANDB_MODES
 from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
@@ -47,11 +47,7 @@ def check_trainer(cfg: DictConfig) -> None:
         raise UsageError(f"trainer.dist_timeout_s must be an integer number of seconds >= 1, got {timeout!r}")
     if trainer.amp not in AMP_CHOICES:
         raise UsageError(f"trainer.amp must be null, bf16 or fp16, got {trainer.amp!r}")
-    device = str(trainer.device)
-    if device not in DEVICE_CHOICES:
-        raise UsageError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu or auto")
+    resolve_device(str(trainer.device))
 
 
 def check_images_and_mask(cfg: DictConfig) -> None:
@@ -65,14 +61,20 @@ def check_images_and_mask(cfg: DictConfig) -> None:
     _as_usage_error(check_mask_ratio, ratio)
 
 
-def check_backend(cfg: DictConfig) -> None:
-    name = cfg.backend.name
+def usable_backend(name: str) -> str:
+    """``name`` when it is a sparse backend whose library imports; else a one-line UsageError (the choices, or how
+    to install the missing library)."""
     if name not in BACKEND_NAMES:
         raise UsageError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     try:
         get_backend(name)
     except ImportError as error:
         raise UsageError(str(error).replace("\n", " ")) from error
+    return name
+
+
+def check_backend(cfg: DictConfig) -> None:
+    usable_backend(cfg.backend.name)
 
 
 def check_logger(cfg: DictConfig) -> None:

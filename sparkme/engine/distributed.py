@@ -10,7 +10,9 @@ import timm.layers
 import torch
 import torch.distributed as dist
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")  # trainer.device
+from sparkme.errors import UsageError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # trainer.device; sparkme-bench --device also takes cuda:N
 
 
 @dataclass(frozen=True)
@@ -25,16 +27,32 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(device: str | torch.device, setting: str = "trainer.device",
+                   allow_index: bool = False) -> torch.device:
+    """The device a setting names: ``auto`` (cuda when torch sees a GPU, else cpu), ``cpu``, ``cuda`` and, with
+    ``allow_index``, ``cuda:N``.
+
+    Raises:
+        UsageError: naming ``setting``, the value and the choices, or that torch sees no such GPU.
+    """
+    text = str(device)
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if text == "auto" else text
+    kind, _, index = name.partition(":")
+    if kind not in DEVICE_CHOICES[1:] or (index and not (allow_index and kind == "cuda" and index.isdigit())):
+        choices = "auto, cpu, cuda or cuda:N" if allow_index else "auto, cpu or cuda"
+        raise UsageError(f"{setting} must be {choices}, got {text!r}")
+    count = torch.cuda.device_count() if kind == "cuda" else 0
+    if kind == "cuda" and int(index or 0) >= count:
+        seen = f"only {count} GPU(s)" if count else "no GPU"
+        raise UsageError(f"{setting}={text} but torch sees {seen}; use {setting}=cpu or auto")
+    return torch.device(name)
+
+
 def setup_distributed(device: str = "auto", timeout_s: int = 600) -> DistInfo:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1), pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in DEVICE_CHOICES:
-        raise ValueError(f"trainer.device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu")
+    device = resolve_device(device).type
     torch_device = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
         torch.cuda.set_device(torch_device)

@@ -1,8 +1,8 @@
-"""Dense backbones by name, with SparK's per-model drop-path defaults, and the coverage table.
+"""Dense backbones by name, with their family's pretraining drop path (``sparkme.models.families``).
 
-Any timm ConvNet converts when its operations are in ``sparkme.models.sparse_ops`` (refused at conversion
-otherwise); ``TESTED_MODELS`` lists the families proven exact on every backend. ResNets come from timm by default
-(they carry DropPath, and their state-dict keys are torchvision's, so an export loads into
+Any timm ConvNet converts when its operations are in ``sparkme.convert``'s op table (refused at conversion
+otherwise); ``families.TESTED_MODELS`` lists the families proven exact on every backend. ResNets come from timm by
+default (they carry DropPath, and their state-dict keys are torchvision's, so an export loads into
 ``torchvision.models.resnet50()`` too); ``source="torchvision"`` builds torchvision's own ResNets.
 """
 
@@ -13,23 +13,11 @@ import torchvision
 from torch import nn
 
 from sparkme.errors import UsageError
+from sparkme.models import families
+from sparkme.models.families import SUPPORTED_PREFIXES, TESTED_MODELS
 
-# SparK paper: stochastic-depth rate used during pretraining per backbone.
-SPARK_DROP_PATH = {
-    "resnet50": 0.05, "resnet101": 0.08, "resnet152": 0.10, "resnet200": 0.15,
-    "convnext_small": 0.2, "convnext_base": 0.3, "convnext_large": 0.4,
-}
-# The coverage table (README): family -> the model every backend is proven exact on, in tests/test_encoders.py
-# (ResNet, ConvNeXt) and tests/test_families.py (the others).
-TESTED_MODELS = {
-    "ResNet": "resnet50", "ResNet-D": "resnet50d", "ResNeXt": "resnext50_32x4d", "SE-ResNeXt": "seresnext50_32x4d",
-    "ECA-ResNet": "ecaresnet50d", "RegNetY": "regnety_016", "EfficientNet": "efficientnet_b0",
-    "MobileNetV3": "mobilenetv3_large_100", "DenseNet": "densenet121", "CSPResNet": "cspresnet50",
-    "ConvNeXt": "convnext_atto", "ConvNeXt V2": "convnextv2_atto",
-}
-# Name prefixes of the families above (other timm ConvNets may convert, but are not offered untested).
-SUPPORTED_PREFIXES = ("resnet", "wide_resnet", "resnext", "seresnext", "ecaresnet", "regnet", "efficientnet_",
-                      "mobilenetv3_", "densenet", "cspresnet", "convnext_", "convnextv2_")
+__all__ = ["SUPPORTED_PREFIXES", "TESTED_MODELS", "TORCHVISION_RESNETS", "create_backbone"]
+
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                        "wide_resnet101_2")
 
@@ -40,12 +28,10 @@ def create_backbone(name: str, source: str = "timm", drop_path_rate: float | Non
     Args:
         name: a timm model, e.g. ``resnet50``, ``convnext_tiny``, ``efficientnet_b0`` (see ``TESTED_MODELS``).
         source: ``timm`` or ``torchvision`` (ResNets only).
-        drop_path_rate: None means SparK's default for this model (0 when it has none).
+        drop_path_rate: None means the model's pretraining default (``families.DROP_PATH``; 0 when it has none).
     """
-    if not name.startswith(SUPPORTED_PREFIXES):
-        raise UsageError(f"unknown model {name!r}: sparkme supports ResNets and these families: "
-                         + ", ".join(f"{family} (e.g. {model})" for family, model in TESTED_MODELS.items()))
-    rate = SPARK_DROP_PATH.get(name, 0.0) if drop_path_rate is None else float(drop_path_rate)
+    families.family_of(name)  # an unsupported name fails here, naming the families
+    rate = families.drop_path_rate(name, drop_path_rate)
     if source == "torchvision":
         if name not in TORCHVISION_RESNETS:
             raise ValueError(f"torchvision source supports {', '.join(TORCHVISION_RESNETS)}, got {name!r}")

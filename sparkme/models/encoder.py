@@ -19,6 +19,7 @@ from torch import nn
 
 from sparkme.convert import check_graph, feature_levels, run_graph, trace_to_features
 from sparkme.masking import check_image_size
+from sparkme.models.families import densify_norm_of
 from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext
 from sparkme.sparse.registry import get_backend
@@ -55,8 +56,7 @@ class SparseEncoder(nn.Module):
         check_graph(graph, self)
         self.__dict__["_graph"] = graph
         self.feature_info = levels
-        # SparK's densifying norm follows the encoder's own: LayerNorm for ConvNeXt, BatchNorm for the rest.
-        self.densify_norm = "ln" if any(isinstance(m, nn.LayerNorm) for m in self.modules()) else "bn"
+        self.densify_norm = densify_norm_of(dense_model)  # SparK's: LayerNorm for ConvNeXt, BatchNorm for the rest
 
     @classmethod
     def from_dense(cls, dense_model: nn.Module, backend: str = "minkowski") -> SparseEncoder:

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 import torch
 
 from sparkme.errors import UsageError
+from sparkme.models.families import head_prefixes
 
 SPARK_ENCODER_PREFIX = "sparse_encoder.sp_cnn."
 # Registered by SparK's module but "deprecated and never used" (its own comment): nothing to load them into.
@@ -42,9 +43,9 @@ CONVNEXT_RENAMES = (
     ("stages.{s}.blocks.{b}.mlp.fc2.", "stages.{s}.{b}.pwconv2."),
     ("stages.{s}.blocks.{b}.gamma", "stages.{s}.{b}.gamma"),
 )
-# The classifier of a full facebookresearch / timm model: not part of a pretrained encoder.
-CONVNEXT_HEAD = {"official": ("norm.", "head."), "timm": ("head.", "norm_pre.")}
-RESNET_HEAD = ("fc.",)
+# The classifier of a full facebookresearch / timm model: not part of a pretrained encoder (timm's: the family table).
+CONVNEXT_HEAD = {"official": ("norm.", "head."), "timm": head_prefixes("convnext")}
+RESNET_HEAD = head_prefixes("resnet")
 
 # (sparkme name, SparK name) prefixes of the parts around the encoder; {i} counts from the stride-32 map.
 SPARK_MODULE_RENAMES = (
@@ -155,7 +156,7 @@ def encoder_from_official(state: dict[str, torch.Tensor], family: str | None,
             raise UsageError(f"the file is in the official ConvNeXt layout (downsample_layers.*) but the model is "
                              f"not a ConvNeXt ({family or 'unknown family'}): build a convnext_* model for it")
         return convnext_official_to_timm(state)
-    head = {"resnet": RESNET_HEAD, "convnext": CONVNEXT_HEAD["timm"]}.get(family, ())
+    head = head_prefixes(family)
     ignored = {k: "classifier head, not part of the pretrained encoder" for k in state if k.startswith(head)}
     return {k: v for k, v in state.items() if k not in ignored}, ignored
 
