@@ -8,7 +8,7 @@ it, so wheels and non-editable installs carry them as package data.
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 HERE = Path(__file__).parent
 
@@ -19,9 +19,12 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["sparkme", "sparkme.*"]),
+    # sparkme/conf (a link to conf/) and its group folders hold only YAML: declared as data packages, so setuptools
+    # neither skips them nor warns that each "would be ignored"
+    packages=find_packages(include=["sparkme", "sparkme.*"], exclude=["sparkme.conf", "sparkme.conf.*"])
+    + find_namespace_packages(include=["sparkme.conf", "sparkme.conf.*"]),
     include_package_data=True,
-    package_data={"sparkme": ["conf/**/*.yaml"]},
+    package_data={"sparkme.conf": ["*.yaml", "**/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
@@ -37,7 +40,8 @@ setup(
     ],
     extras_require={
         "slurm": ["hydra-submitit-launcher>=1.2"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "hydra-submitit-launcher>=1.2"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "hydra-submitit-launcher>=1.2",
+                "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={
         "console_scripts": [

@@ -22,9 +22,12 @@ How it works (for whoever writes a guide):
     ``data.root=...`` points at ``~/my_images``; torchrun gets ``--standalone`` and at most 2 processes.
   - ``sparkme-bench`` / ``python tools/bench.py``: ``--models resnet18 --batch-sizes 1 --image-size 64 --repeats 1
     --warmup 0``, the first ``--ratios`` value only.
-  - ``sparkme-finetune`` / ``sparkme-probe`` run as written (they have no ``debug=fast``): give their blocks tiny
-    sizes yourself (``trainer.max_steps=2 image_size=64 ...``) or skip them with a reason. ``my_labelled/``
-    (``train/`` and ``val/``, classes ``cat`` and ``dog``, 4 images each) is in the working directory for them.
+  - ``sparkme-finetune`` (no ``debug=fast`` there): ``image_size``, batch sizes, ``recipe.epochs``,
+    ``trainer.max_steps`` and ``data.num_workers`` overrides are replaced by ``image_size=64 trainer.batch_size=2
+    trainer.eval_batch_size=4 trainer.max_steps=2 data.num_workers=0``; ``data.root=...`` points at
+    ``my_labelled/`` (``train/`` and ``val/``, classes ``cat`` and ``dog``, 4 images each, in the working
+    directory).
+  - ``sparkme-probe`` and any other command run as written: give their blocks tiny sizes or skip them with a reason.
 
   A python block runs as a script (``python -``) in the same directory, as written: keep its sizes small.
 * **Failures** name the file and the line of the block, show the block as it ran and the end of its output.
@@ -60,6 +63,10 @@ PRETRAIN_DROPPED = ("image_size", "trainer.batch_size", "trainer.epochs", "model
 MAX_STEPS_CAP = 6
 BENCH_VALUES = {"--models": "resnet18", "--batch-sizes": "1", "--image-size": "64", "--repeats": "1", "--warmup": "0"}
 HYDRA_COMMANDS = {"sparkme-pretrain"}
+FINETUNE_DROPPED = ("image_size", "trainer.batch_size", "trainer.eval_batch_size", "recipe.epochs",
+                    "trainer.max_steps", "data.num_workers", "trainer.progress")
+FINETUNE_TINY = ["image_size=64", "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.max_steps=2",
+                 "data.num_workers=0", "trainer.progress=false"]
 
 
 @dataclass
@@ -132,6 +139,11 @@ def _hydra_tiny(args: list[str], images: Path) -> list[str]:
     return [*out, "debug=fast", "data.num_workers=0"]
 
 
+def _finetune_tiny(args: list[str], labelled: Path) -> list[str]:
+    out = [f"data.root={labelled}" if _key(w) == "data.root" else w for w in args if _key(w) not in FINETUNE_DROPPED]
+    return [*out, *FINETUNE_TINY]
+
+
 def _bench_tiny(args: list[str]) -> list[str]:
     out, i, seen = [], 0, set()
     while i < len(args):
@@ -165,7 +177,7 @@ def _torchrun_tiny(args: list[str]) -> list[str]:
     return out
 
 
-def rewrite_words(words: list[str], images: Path) -> list[str]:
+def rewrite_words(words: list[str], images: Path, labelled: Path) -> list[str]:
     """One simple command (no shell operators) at tiny sizes; see the module docstring."""
     env = []
     while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
@@ -181,6 +193,8 @@ def rewrite_words(words: list[str], images: Path) -> list[str]:
     elif name == "torchrun" and "-m" in words:
         at = words.index("-m")
         words = [words[0], *_torchrun_tiny(words[1:at]), *words[at:at + 2], *_hydra_tiny(words[at + 2:], images)]
+    elif name == "sparkme-finetune":
+        words = [words[0], *_finetune_tiny(words[1:], labelled)]
     elif name == "sparkme-bench":
         words = [words[0], *_bench_tiny(words[1:])]
     elif name in ("python", "python3") and len(words) > 1 and words[1].endswith("tools/bench.py"):
@@ -188,9 +202,9 @@ def rewrite_words(words: list[str], images: Path) -> list[str]:
     return env + words
 
 
-def rewrite_bash(text: str, home: Path) -> str:
+def rewrite_bash(text: str, home: Path, labelled: Path | None = None) -> str:
     """The block with every command rewritten to tiny sizes and ``~`` expanded to the scratch home."""
-    images = home / "my_images"
+    images, labelled = home / "my_images", labelled or home.parent / "my_labelled"
     logical = re.sub(r"\\\n\s*", " ", text).splitlines()
     out = []
     for line in logical:
@@ -202,7 +216,7 @@ def rewrite_bash(text: str, home: Path) -> str:
             if token and set(token) <= set("();<>|&"):
                 if segment:
                     words = [re.sub(r"(^|=)~(?=/|$)", lambda m: m.group(1) + str(home), w) for w in segment]
-                    pieces.append(shlex.join(rewrite_words(words, images)))
+                    pieces.append(shlex.join(rewrite_words(words, images, labelled)))
                     segment = []
                 pieces.append(token)
             else:
@@ -253,7 +267,7 @@ def _run_file(blocks: list[Block], root: Path) -> dict[str, Result]:
         if block.skip_reason:
             continue
         if block.language == "bash":
-            ran = rewrite_bash(block.text, home)
+            ran = rewrite_bash(block.text, home, work / "my_labelled")
             command = ["bash", "-eo", "pipefail", "-c", ran]
             stdin = None
         else:
@@ -274,9 +288,11 @@ def _run_file(blocks: list[Block], root: Path) -> dict[str, Result]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[str, Result]:
-    """Runs every file's blocks (files in parallel, blocks of a file in order) once; keyed by ``Block.where``."""
+def results(tmp_path_factory, request) -> dict[str, Result]:
+    """Runs every file's blocks (files in parallel, blocks of a file in order) once; keyed by ``Block.where``.
+    Prints each block's time and the total CPU time of the commands (the budget is 2-3 minutes on 2 idle cores)."""
     root = tmp_path_factory.mktemp("docs_commands")
+    start, cpu = time.perf_counter(), _children_cpu_s()
     by_file: dict[Path, list[Block]] = {}
     for block in BLOCKS:
         by_file.setdefault(block.path, []).append(block)
@@ -286,7 +302,21 @@ def results(tmp_path_factory) -> dict[str, Result]:
     with ThreadPoolExecutor(WORKERS) as pool:
         for part in pool.map(lambda blocks: _run_file(blocks, root), runnable):
             merged.update(part)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        for where, result in sorted(merged.items(), key=lambda item: -item[1].seconds):
+            reporter.write_line(f"docs command {where}: {result.seconds:.0f} s, exit status {result.returncode}")
+        reporter.write_line(f"docs commands: {len(merged)} blocks in {time.perf_counter() - start:.0f} s wall, "
+                            f"{_children_cpu_s() - cpu:.0f} s CPU")
     return merged
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.where for b in BLOCKS])
@@ -321,3 +351,8 @@ def test_rewrite_makes_commands_tiny(tmp_path):
                                         tmp_path))
     assert torchrun[:5] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "sparkme.cli"]
     assert torchrun[-5:] == ["debug=fast", "data.num_workers=0", "&&", "echo", "ok"]
+    finetune = shlex.split(rewrite_bash("sparkme-finetune model=resnet50 init=a.pt data.root=my_labelled "
+                                        "trainer.batch_size=64 recipe.epochs=30\n", tmp_path, tmp_path / "lab"))
+    assert finetune == ["sparkme-finetune", "model=resnet50", "init=a.pt", f"data.root={tmp_path}/lab",
+                        "image_size=64", "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.max_steps=2",
+                        "data.num_workers=0", "trainer.progress=false"]
