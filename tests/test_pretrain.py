@@ -75,15 +75,15 @@ def _check_run_is_what_the_config_says(run, cfg) -> None:
     assert type(run.trainer.optimizer) is get_class(cfg.optim.optimizer._target_)
     assert tuple(run.trainer.optimizer.defaults["betas"]) == tuple(cfg.optim.optimizer.betas)
     batch = cfg.trainer.batch_size * cfg.trainer.accum_steps
-    assert run.plan.global_batch == batch and run.trainer.accum == cfg.trainer.accum_steps
+    assert run.tally.images_per_step == batch and run.trainer.accum == cfg.trainer.accum_steps
     peak = cfg.optim.base_lr * batch / 256
-    assert run.plan.steps_per_epoch == len(run.dataset) // batch
-    assert run.plan.total_steps == (cfg.trainer.max_steps or cfg.trainer.epochs * run.plan.steps_per_epoch)
-    warmup = int(cfg.sched.warmup_epochs * run.plan.steps_per_epoch)
+    assert run.steps_per_epoch == len(run.dataset) // batch
+    assert run.total_steps == (cfg.trainer.max_steps or cfg.trainer.epochs * run.steps_per_epoch)
+    warmup = int(cfg.sched.warmup_epochs * run.steps_per_epoch)
     assert run.schedule.step(0)[1] == pytest.approx(cfg.sched.wd_start)
-    if warmup < run.plan.total_steps:
+    if warmup < run.total_steps:
         assert run.schedule.step(warmup)[0] == pytest.approx(peak)
-    assert run.schedule.weight_decay(run.plan.total_steps) == pytest.approx(cfg.sched.wd_end)
+    assert run.schedule.weight_decay(run.total_steps) == pytest.approx(cfg.sched.wd_end)
     assert run.trainer.scaler.is_enabled() == (cfg.trainer.amp == "fp16")
     assert run.trainer.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[cfg.trainer.amp]
 

@@ -20,7 +20,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from sparkme.bench.timing import timed
-from sparkme.engine.core import Tally
+from sparkme.engine.core import StepPlan, Tally
 from sparkme.engine.distributed import DistInfo
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -65,12 +65,13 @@ def compare_finetune_step(model_name: str, batch_size: int = 32, image_size: int
             f"model={model_name}", f"image_size={image_size}", f"trainer.batch_size={batch_size}",
             "data.root=unused", f"trainer.amp={amp or 'null'}", "run_dir=unused"])
     recipe = resolve_recipe(cfg)
-    plan = loop.EpochPlan(steps_per_epoch=10_000, total_steps=10_000, global_batch=batch_size, warmup_steps=0)
+    plan = StepPlan(steps_per_epoch=10_000, total_steps=10_000, global_batch=batch_size)
     parts = loop.build_classifier_training(cfg, recipe, num_classes, plan, DistInfo(device=torch_device))
-    run = loop.FinetuneRun(cfg=cfg, dist=DistInfo(device=torch_device), run_dir=Path("unused"), recipe=recipe,
-                           classes=[str(i) for i in range(num_classes)], classifier=parts.classifier, ema=parts.ema,
-                           trainer=parts.trainer, train_set=None, val_set=None, schedule=parts.schedule,
-                           mixup=parts.mixup, criterion=parts.criterion, plan=plan, tally=Tally(batch_size))
+    run = loop.FinetuneRun(cfg=cfg, dist=DistInfo(device=torch_device), run_dir=Path("unused"), trainer=parts.trainer,
+                           tally=Tally(batch_size), total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+                           recipe=recipe, classes=[str(i) for i in range(num_classes)], classifier=parts.classifier,
+                           ema=parts.ema, train_set=None, val_set=None, schedule=parts.schedule, mixup=parts.mixup,
+                           criterion=parts.criterion)
     plain = _plain_timm_step(model_name, recipe, num_classes, recipe.base_lr * batch_size / 256, amp, torch_device)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(

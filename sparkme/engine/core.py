@@ -10,7 +10,9 @@ data and metrics, and hand them to the same parts:
 - ``Tally``: the running losses and speed of a loop (its log window travels in the checkpoint).
 - ``save_checkpoint`` / ``restore_checkpoint``: the checkpoint's layout (``sparkme.engine.checkpoint``) written and
   read in one place, every rank's RNG state included.
-- ``run_steps``: the step loop with its periodic actions and stop requests (SIGTERM/SIGINT, ``stop_at_step``).
+- ``LoopRun`` and the loop's parts over it: ``run_job`` (processes and lock around a loop), ``restore_or_warn``,
+  ``open_logger``, ``next_batches``, ``train`` (the step loop with its periodic actions and stop requests:
+  SIGTERM/SIGINT, ``stop_at_step``), ``tally_step`` / ``log_when_due`` / ``checkpoint_run`` (periodic actions).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +33,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint, rng_of_rank, save_atomic
-from sparkme.engine.distributed import DistInfo, broadcast_from_main
+from sparkme.engine.distributed import DistInfo, broadcast_from_main, cleanup_distributed, setup_distributed
+from sparkme.engine.logging import MetricsLogger
+from sparkme.engine.lost_rank import raise_if_rank_lost
 from sparkme.engine.run_lock import RunLock
 from sparkme.errors import UsageError
 
@@ -276,7 +281,166 @@ def restore_checkpoint(path: Path, trainer: Trainer, kind: str, model_name: str)
                     dict(state.get("extra") or {}))
 
 
-# --- the step loop -------------------------------------------------------------------------------------------------
+# --- a loop's run and the step loop ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    """The numbers a run derives from its config and data: steps per epoch, steps in all, images per step."""
+
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+
+
+def plan_steps(trainer: DictConfig, dataset_size: int, world: int, epochs: int) -> StepPlan:
+    """Whole steps of ``trainer.batch_size x world x trainer.accum_steps`` images per epoch (every rank makes the
+    same number), for ``epochs`` epochs unless ``trainer.max_steps`` is set."""
+    batch, accum = int(trainer.batch_size), int(trainer.accum_steps)
+    steps_per_epoch = dataset_size // world // (batch * accum)
+    if steps_per_epoch < 1:
+        raise UsageError(f"{dataset_size} images are fewer than one step of {world} process(es) x batch {batch} x "
+                         f"{accum} accumulation step(s); lower trainer.batch_size")
+    return StepPlan(steps_per_epoch, int(trainer.max_steps or epochs * steps_per_epoch), batch * world * accum)
+
+
+@dataclass(kw_only=True)
+class LoopRun:
+    """What every loop's run holds besides its own model and data: the config, the processes, the run directory
+    and its lock, the ``trainer``, the ``tally``, the sinks ``_start`` opens, and where the loop stands."""
+
+    cfg: DictConfig
+    dist: DistInfo
+    run_dir: Path
+    trainer: Trainer
+    tally: Tally
+    total_steps: int
+    steps_per_epoch: int
+    lock: RunLock | None = None           # rank 0 only
+    logger: MetricsLogger | None = None   # rank 0 only
+    progress: tqdm | None = None
+    start_step: int = 0
+    step: int = 0                         # steps done so far
+    wandb_id: str | None = None
+    loader: Iterator | None = None
+    loader_epoch: int | None = None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def latest(self) -> Path:
+        return latest_checkpoint(self.run_dir)
+
+
+def run_job(cfg: DictConfig, on_hold: Callable[[], None] | None,
+            body: Callable[[DistInfo, RunLock | None], dict]) -> dict:
+    """Set up the processes, hold the run directory (rank 0 then calls ``on_hold``), run ``body(dist, lock)``;
+    the lock and the process group are released however it ends."""
+    dist_info = setup_distributed(cfg.trainer.device, int(cfg.trainer.dist_timeout_s))
+    lock = None
+    try:
+        lock = hold_run_dir(Path(cfg.run_dir), dist_info)
+        if on_hold is not None and dist_info.is_main:
+            on_hold()
+        return body(dist_info, lock)
+    except Exception as error:  # a peer that died or hung: one line naming the checkpoint that survives
+        raise_if_rank_lost(error, dist_info, latest_checkpoint(Path(cfg.run_dir)), int(cfg.trainer.dist_timeout_s))
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+        cleanup_distributed()
+
+
+def restore_or_warn(run: LoopRun, kind: str, model_name: str) -> Restored | None:
+    """Continue from ``resume=`` (trainer state, step, RNG, log window, wandb run) and return what the loop keeps
+    besides; None for a fresh start, with a warning when it will replace the run's own checkpoint."""
+    path = resume_path(run.cfg.resume, run.run_dir)
+    if path is None:
+        if run.dist.is_main and run.latest.exists():
+            log.warning("%s holds a checkpoint; this run starts from scratch and replaces it (resume=auto "
+                        "continues it)", run.latest)
+        return None
+    restored = restore_checkpoint(path, run.trainer, kind, model_name)
+    run.start_step = run.step = restored.step
+    run.wandb_id = restored.wandb_id
+    run.tally.window = restored.log_window
+    return restored
+
+
+def open_logger(run: LoopRun, desc: str) -> None:
+    """The metrics log where the run starts (lines it will write again removed), wandb as configured, and the
+    progress bar (rank 0)."""
+    cfg = run.cfg
+    if run.dist.is_main:
+        run.logger = MetricsLogger(run.run_dir, cfg.logger.wandb_mode, cfg.logger.project, cfg.name,
+                                   OmegaConf.to_container(cfg, resolve=True), resume_id=run.wandb_id,
+                                   start_step=run.start_step)
+    run.progress = tqdm(total=run.total_steps, initial=run.start_step, dynamic_ncols=True, desc=desc,
+                        disable=not run.dist.is_main or not cfg.trainer.progress)
+
+
+def next_batches(run: LoopRun, step: int, make_loader: Callable[[int, int], Iterable]) -> Iterator:
+    """The ``accum`` micro-batches of ``step``, read one at a time (only one is on the device at once). The data
+    order depends only on the step: a new epoch, or a resume, starts ``make_loader(epoch, start)`` at its position
+    in the epoch."""
+    epoch, within = divmod(step, run.steps_per_epoch)
+    if run.loader_epoch != epoch:
+        run.loader = iter(make_loader(epoch, within * int(run.cfg.trainer.batch_size) * run.trainer.accum))
+        run.loader_epoch = epoch
+    for _ in range(run.trainer.accum):
+        yield next(run.loader)
+
+
+def train(run: LoopRun, train_step: Callable[[int], dict | None], actions: Sequence[Callable[[LoopRun, dict | None],
+          None]], checkpoint: Callable[[], Path | None]) -> str | None:
+    """Train from ``run.start_step`` to the end: ``train_step(step)``, then every action in order; returns what
+    stopped it early (a signal or ``trainer.stop_at_step``), or None when it ran to the end."""
+    run.tally.started = time.time()  # img_per_s counts training steps, not the start-up
+
+    def advance(steps_done: int, metrics: dict | None) -> None:
+        run.step = steps_done
+        for action in actions:
+            action(run, metrics)
+
+    try:
+        return run_steps(run.start_step, run.total_steps, train_step, [advance], checkpoint,
+                         run.cfg.trainer.stop_at_step, run.dist.is_main)
+    finally:
+        run.progress.close()
+
+
+def tally_step(run: LoopRun, metrics: dict | None, **shown: str) -> None:
+    """Periodic action: count the step's loss and images, show them (and ``shown``) on the progress bar."""
+    if metrics is None:
+        return
+    metrics["img_per_s"] = speed = run.tally.add(metrics["loss"])
+    run.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{speed:.1f}", **shown)
+    run.progress.update(1)
+
+
+def log_when_due(run: LoopRun, metrics: dict | None, keys: Sequence[str]) -> None:
+    """Periodic action: every ``trainer.log_every`` steps and at the last, the mean loss since the previous line and
+    the step's ``keys``."""
+    if metrics is None or not (run.step % run.cfg.trainer.log_every == 0 or run.step == run.total_steps):
+        return
+    loss = run.tally.window_mean()
+    if run.logger is not None:
+        run.logger.log({"loss": loss, **{key: metrics[key] for key in keys}}, step=run.step)
+
+
+def checkpoint_run(run: LoopRun, kind: str, model_name: str, extra: dict | None = None,
+                   keep_as: Path | None = None) -> Path | None:
+    """Save the run at ``run.step`` (a collective); rank 0 first checks it still holds the directory and flushes
+    the metrics log, so that the lines up to this step survive with it."""
+    def before_write() -> None:
+        if run.lock is not None:
+            run.lock.check()  # another job took the directory over: its checkpoints are not ours to overwrite
+        if run.logger is not None:
+            run.logger.sync()
+
+    return save_checkpoint(run.latest, run.trainer, run.step, run.cfg, kind, model_name,
+                           wandb_id=run.logger.run_id if run.logger is not None else None,
+                           log_window=run.tally.window, extra=extra, keep_as=keep_as, before_write=before_write)
+
+
 def run_steps(start: int, total: int, do_step: Callable[[int], dict | None],
               actions: Sequence[Callable[[int, dict | None], None]], checkpoint: Callable[[], Path | None],
               stop_at_step: int | None = None, is_main: bool = True) -> str | None:

@@ -1,42 +1,43 @@
 """The pretraining loop: ``pretrain(cfg)`` is plain Python, callable from tests, notebooks and the hydra CLI.
 
-``pretrain`` reads as the table of contents: hold the run directory, ``_build`` the run, ``_restore`` it from a
-checkpoint, ``_start`` it (DDP, log, fixed images), ``_train`` (per step: ``_train_step``, then the periodic actions
-in a fixed order), ``_finish`` (held-out loss, last checkpoint, exports). What a fine-tuning loop shares with it
-(the run lock, one optimizer step, the checkpoint, the step loop) is in ``sparkme.engine.core``.
+``pretrain`` reads as the table of contents: in the held run directory (``run_job``), ``_build`` the run,
+``_restore`` it from a checkpoint, ``_start`` it (DDP, log, fixed images), ``train`` it (per step: ``_train_step``,
+then ``PERIODIC_ACTIONS`` in order), ``_finish`` (held-out loss, last checkpoint, exports). What the fine-tuning loop
+shares with it (run lock, one optimizer step, checkpoint, step loop, periodic logging) is in ``sparkme.engine.core``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from sparkme.data.sampling import ResumableSampler, SeededItems
 from sparkme.data.transforms import pretrain_transform
 from sparkme.engine.config_checks import check_config
 from sparkme.engine.core import (
+    LoopRun,
     Tally,
     Trainer,
-    hold_run_dir,
-    latest_checkpoint,
-    restore_checkpoint,
-    resume_path,
-    run_steps,
+    checkpoint_run,
+    log_when_due,
+    next_batches,
+    open_logger,
+    plan_steps,
+    restore_or_warn,
+    run_job,
     same_weights_on_all_ranks,
-    save_checkpoint,
+    tally_step,
+    train,
 )
-from sparkme.engine.distributed import DistInfo, cleanup_distributed, setup_distributed, to_sync_batchnorm
-from sparkme.engine.logging import MetricsLogger
+from sparkme.engine.distributed import DistInfo, to_sync_batchnorm
 from sparkme.engine.run_lock import RunLock
 from sparkme.engine.schedule import SparkSchedule
 from sparkme.export import export_state_dict
@@ -49,45 +50,16 @@ RECONSTRUCTIONS = "reconstructions"
 KIND = "pretrain"
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """The numbers a run derives from its config and data: steps per epoch, steps in all, images per step."""
+@dataclass(kw_only=True)
+class Run(LoopRun):
+    """One pretraining run: besides the loop's parts (``LoopRun``), the SparK model (``trainer.module``;
+    ``trainer.ddp_model`` wraps it), the data, the schedule, and the fixed held-out images and masks."""
 
-    steps_per_epoch: int
-    total_steps: int
-    global_batch: int
-
-
-@dataclass
-class Run:
-    """One pretraining run: what ``_build`` made (``spark``, ``trainer``, data, schedule), the numbers it derived
-    (``plan``), what ``_start`` opened (logger, progress bar, fixed images) and the state that moves (``step``,
-    ``tally``, the data loader)."""
-
-    cfg: DictConfig
-    dist: DistInfo
-    run_dir: Path
-    spark: torch.nn.Module                # the SparK model (``trainer.module``; ``trainer.ddp_model`` wraps it)
-    trainer: Trainer
+    spark: torch.nn.Module
     dataset: SeededItems
     schedule: SparkSchedule
-    plan: StepPlan
-    tally: Tally
-    lock: RunLock | None = None           # rank 0 only
-    logger: MetricsLogger | None = None   # rank 0 only
-    progress: tqdm | None = None
     fixed_images: torch.Tensor | None = None
     fixed_masks: torch.Tensor | None = None
-    start_step: int = 0
-    step: int = 0                         # steps done so far
-    wandb_id: str | None = None
-    loader: Iterator | None = None
-    loader_epoch: int | None = None
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def latest(self) -> Path:
-        return latest_checkpoint(self.run_dir)
 
 
 def _mask_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
@@ -130,30 +102,15 @@ def pretrain(cfg: DictConfig, on_hold: Callable[[], None] | None = None) -> dict
     ``on_hold`` is called on rank 0 once the run directory is held (the CLI writes hydra's records there then, so
     that a job refused by the lock leaves no trace in another job's directory)."""
     check_config(cfg)  # user errors at start-up, before anything heavy
-    dist_info = setup_distributed(cfg.trainer.device, int(cfg.trainer.dist_timeout_s))
-    lock = None
-    try:
-        lock = hold_run_dir(Path(cfg.run_dir), dist_info)
-        if on_hold is not None and dist_info.is_main:
-            on_hold()
+
+    def body(dist_info: DistInfo, lock: RunLock | None) -> dict:
         run = _build(cfg, dist_info, lock)
         _restore(run)
         _start(run)
-        stopped_by = _train(run)
-        return _finish(run, stopped_by)
-    finally:
-        if lock is not None:
-            lock.release()
-        cleanup_distributed()
+        return _finish(run, train(run, lambda step: _train_step(run, step, _next_batches(run, step)),
+                                  PERIODIC_ACTIONS, lambda: _checkpoint(run)))
 
-
-def _plan(cfg: DictConfig, dataset_size: int, world: int) -> StepPlan:
-    batch, accum = int(cfg.trainer.batch_size), int(cfg.trainer.accum_steps)
-    steps_per_epoch = dataset_size // world // (batch * accum)
-    if steps_per_epoch < 1:
-        raise ValueError(f"data set of {dataset_size} images is smaller than one step of {world} x {batch} x {accum}")
-    total_steps = int(cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch)
-    return StepPlan(steps_per_epoch, total_steps, batch * world * accum)
+    return run_job(cfg, on_hold, body)
 
 
 def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) -> Run:
@@ -167,7 +124,7 @@ def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) ->
     if cfg.trainer.sync_bn and world > 1:
         spark = to_sync_batchnorm(spark)
     dataset = SeededItems(instantiate(cfg.data.dataset, transform=pretrain_transform(cfg.image_size)), cfg.seed)
-    plan = _plan(cfg, len(dataset), world)
+    plan = plan_steps(cfg.trainer, len(dataset), world, cfg.trainer.epochs)
     lr = cfg.optim.base_lr * plan.global_batch / 256
     # A partial (parameters and scaled lr are given here); plain containers keep checkpoints pickle-free.
     make_optimizer = instantiate(cfg.optim.optimizer, _convert_="all")
@@ -177,24 +134,15 @@ def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) ->
                              min_lr=cfg.sched.min_lr_ratio * lr, wd_start=cfg.sched.wd_start, wd_end=cfg.sched.wd_end)
     trainer = Trainer(spark, optimizer, dist_info, amp=cfg.trainer.amp, accum=int(cfg.trainer.accum_steps),
                       clip_grad=cfg.trainer.clip_grad, skip_nonfinite=bool(cfg.trainer.skip_nonfinite))
-    return Run(cfg=cfg, dist=dist_info, run_dir=Path(cfg.run_dir), spark=spark, trainer=trainer, dataset=dataset,
-               schedule=schedule, plan=plan, tally=Tally(plan.global_batch), lock=lock)
+    return Run(cfg=cfg, dist=dist_info, run_dir=Path(cfg.run_dir), trainer=trainer, tally=Tally(plan.global_batch),
+               total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, lock=lock, spark=spark,
+               dataset=dataset, schedule=schedule)
 
 
 def _restore(run: Run) -> None:
     """Continue from a checkpoint (``resume``: weights, optimizer, scaler, step, RNG, log window) or start from
     given weights (``init``); otherwise leave the fresh model as built."""
-    path = resume_path(run.cfg.resume, run.run_dir)
-    if path is not None:
-        restored = restore_checkpoint(path, run.trainer, KIND, run.cfg.model.model_name)
-        run.start_step = run.step = restored.step
-        run.wandb_id = restored.wandb_id
-        run.tally.window = restored.log_window
-        return
-    if run.dist.is_main and run.latest.exists():
-        log.warning("%s holds a checkpoint; this run starts from scratch and replaces it (resume=auto continues "
-                    "it)", run.latest)
-    if run.cfg.init:
+    if restore_or_warn(run, KIND, run.cfg.model.model_name) is None and run.cfg.init:
         load_init_weights(run.spark, run.cfg.init)
 
 
@@ -204,17 +152,13 @@ def _start(run: Run) -> None:
     run.trainer.wrap_ddp()
     if dist_info.is_main:
         _remove_reconstructions_after(run.run_dir / RECONSTRUCTIONS, run.start_step)
-        run.logger = MetricsLogger(run.run_dir, cfg.logger.wandb_mode, cfg.logger.project, cfg.name,
-                                   OmegaConf.to_container(cfg, resolve=True), resume_id=run.wandb_id,
-                                   start_step=run.start_step)
+    open_logger(run, "pretrain")
     run.fixed_images, run.fixed_masks = _fixed_batch(cfg, run.spark, dist_info.device, int(cfg.trainer.eval_images))
-    run.summary = {"run_dir": str(run.run_dir), "total_steps": run.plan.total_steps, "start_step": run.start_step}
+    run.summary = {"run_dir": str(run.run_dir), "total_steps": run.total_steps, "start_step": run.start_step}
     if dist_info.is_main and run.start_step == 0:
         run.summary["holdout_loss_initial"] = evaluate_loss(run.spark, run.fixed_images, run.fixed_masks,
                                                             int(cfg.trainer.batch_size))
         run.logger.log({"holdout_loss": run.summary["holdout_loss_initial"]}, step=0)
-    run.progress = tqdm(total=run.plan.total_steps, initial=run.start_step, dynamic_ncols=True, desc="pretrain",
-                        disable=not dist_info.is_main or not cfg.trainer.progress)
 
 
 def _remove_reconstructions_after(folder: Path, step: int) -> None:
@@ -226,34 +170,13 @@ def _remove_reconstructions_after(folder: Path, step: int) -> None:
             path.unlink()
 
 
-def _train(run: Run) -> str | None:
-    """Train from ``run.start_step`` to the end; returns what stopped it early (a signal or
-    ``trainer.stop_at_step``), or None when it ran to the end."""
-    run.tally.started = time.time()  # img_per_s counts training steps, not the start-up
-
-    def advance(steps_done: int, metrics: dict | None) -> None:
-        run.step = steps_done
-        for action in PERIODIC_ACTIONS:
-            action(run, metrics)
-
-    try:
-        return run_steps(run.start_step, run.plan.total_steps,
-                         lambda step: _train_step(run, step, _next_batches(run, step)), [advance],
-                         lambda: _checkpoint(run), run.cfg.trainer.stop_at_step, run.dist.is_main)
-    finally:
-        run.progress.close()
-
-
 def _next_batches(run: Run, step: int) -> Iterator[torch.Tensor]:
-    """The ``accum`` micro-batches of ``step``, read one at a time (only one is on the device at once). The data
-    order depends only on the step: a new epoch, or a resume, starts a loader at its position in the epoch."""
-    epoch, within = divmod(step, run.plan.steps_per_epoch)
-    if run.loader_epoch != epoch:
-        start = within * int(run.cfg.trainer.batch_size) * run.trainer.accum
-        run.loader = iter(_loader(run.dataset, run.cfg, epoch, start, run.dist.rank, run.dist.world_size))
-        run.loader_epoch = epoch
-    for _ in range(run.trainer.accum):
-        yield next(run.loader).to(run.dist.device, non_blocking=True)
+    """The ``accum`` micro-batches of images ``(B, 3, H, W)`` of ``step``, on the device."""
+    def make_loader(epoch: int, start: int) -> DataLoader:
+        return _loader(run.dataset, run.cfg, epoch, start, run.dist.rank, run.dist.world_size)
+
+    for images in next_batches(run, step, make_loader):
+        yield images.to(run.dist.device, non_blocking=True)
 
 
 def _train_step(run: Run, step: int, batches: Iterable[torch.Tensor]) -> dict | None:
@@ -277,33 +200,24 @@ def _train_step(run: Run, step: int, batches: Iterable[torch.Tensor]) -> dict | 
     metrics = run.trainer.step(step, batches, loss_of, where=str(run.latest))
     if metrics is None:
         return None
-    return {**metrics, "lr": lr, "wd": wd, "epoch": step // run.plan.steps_per_epoch}
+    return {**metrics, "lr": lr, "wd": wd, "epoch": step // run.steps_per_epoch}
 
 
 # --- periodic actions, after every step, in this order -----------------------------------------------------------
 def _tally(run: Run, metrics: dict | None) -> None:
     """Losses for the summary and the next log line, images seen, the progress bar."""
-    if metrics is None:
-        return
-    metrics["img_per_s"] = speed = run.tally.add(metrics["loss"])
-    run.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{speed:.1f}")
-    run.progress.update(1)
+    tally_step(run, metrics)
 
 
 def _log_metrics(run: Run, metrics: dict | None) -> None:
     """Every ``trainer.log_every`` steps and at the last: the mean loss since the previous line, lr, wd, ..."""
-    if metrics is None or not (run.step % run.cfg.trainer.log_every == 0 or run.step == run.plan.total_steps):
-        return
-    loss = run.tally.window_mean()
-    if run.logger is not None:
-        run.logger.log({"loss": loss, "lr": metrics["lr"], "wd": metrics["wd"], "grad_norm": metrics["grad_norm"],
-                        "img_per_s": metrics["img_per_s"], "epoch": metrics["epoch"]}, step=run.step)
+    log_when_due(run, metrics, ("lr", "wd", "grad_norm", "img_per_s", "epoch"))
 
 
 def _save_reconstruction(run: Run, metrics: dict | None) -> None:
     """Every ``trainer.vis_every`` steps and at the last: original | masked | reconstruction of the fixed images."""
     vis_every = run.cfg.trainer.vis_every
-    due = vis_every and (run.step % vis_every == 0 or run.step == run.plan.total_steps)
+    due = vis_every and (run.step % vis_every == 0 or run.step == run.total_steps)
     if metrics is None or run.logger is None or not due:
         return
     count = run.cfg.trainer.vis_images
@@ -315,7 +229,7 @@ def _save_reconstruction(run: Run, metrics: dict | None) -> None:
 def _checkpoint_when_due(run: Run, metrics: dict | None) -> None:
     """Every ``trainer.ckpt_every`` steps (the last step's checkpoint is written by ``_finish``)."""
     every = run.cfg.trainer.ckpt_every
-    if every and run.step % every == 0 and run.step != run.plan.total_steps:
+    if every and run.step % every == 0 and run.step != run.total_steps:
         _checkpoint(run)
 
 
@@ -326,22 +240,14 @@ PERIODIC_ACTIONS = (_tally, _log_metrics, _save_reconstruction, _checkpoint_when
 
 def _checkpoint(run: Run) -> Path | None:
     """Save everything a resume needs at ``run.step`` (rank 0 writes; every rank contributes its RNG state)."""
-    def before_write() -> None:
-        if run.lock is not None:
-            run.lock.check()  # another job took the directory over: its checkpoints are not ours to overwrite
-        if run.logger is not None:
-            run.logger.sync()
-
     keep_every = run.cfg.trainer.keep_every
     keep_as = run.latest.parent / f"step_{run.step:07d}.pt" if keep_every and run.step % keep_every == 0 else None
-    return save_checkpoint(run.latest, run.trainer, run.step, run.cfg, KIND, run.cfg.model.model_name,
-                           wandb_id=run.logger.run_id if run.logger is not None else None,
-                           log_window=run.tally.window, keep_as=keep_as, before_write=before_write)
+    return checkpoint_run(run, KIND, run.cfg.model.model_name, keep_as=keep_as)
 
 
 def _finish(run: Run, stopped_by: str | None) -> dict:
     """The summary; after the last step also the held-out loss, the last checkpoint and the dense exports."""
-    summary, total = run.summary, run.plan.total_steps
+    summary, total = run.summary, run.total_steps
     if stopped_by is not None:
         summary.update(stopped_by=stopped_by, step=run.step)
         if run.logger is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,26 +18,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from sparkme.data.labelled import check_labelled_root, labelled_splits
 from sparkme.data.sampling import ResumableSampler, SeededItems
 from sparkme.engine.core import (
+    LoopRun,
+    StepPlan,
     Tally,
     Trainer,
-    hold_run_dir,
-    latest_checkpoint,
-    restore_checkpoint,
-    resume_path,
-    run_steps,
-    save_checkpoint,
+    checkpoint_run,
+    log_when_due,
+    next_batches,
+    open_logger,
+    plan_steps,
+    restore_or_warn,
+    run_job,
+    tally_step,
+    train,
 )
-from sparkme.engine.distributed import DistInfo, cleanup_distributed, setup_distributed, to_sync_batchnorm
-from sparkme.engine.logging import MetricsLogger
+from sparkme.engine.distributed import DistInfo, to_sync_batchnorm
 from sparkme.engine.run_lock import RunLock
 from sparkme.files import read_torch_file, save_atomic
 from sparkme.finetune.checks import check_finetune_config, resolve_recipe
@@ -55,16 +57,6 @@ log = logging.getLogger(__name__)
 KIND = "finetune"
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """Steps per epoch, steps in all, images per step, warm-up steps."""
-
-    steps_per_epoch: int
-    total_steps: int
-    global_batch: int
-    warmup_steps: float  # SparK's warm-up may end mid-epoch
-
-
 @dataclass
 class Best:
     """The best top-1 over all evaluations, of the model or of its EMA (SparK reports the better one)."""
@@ -75,40 +67,21 @@ class Best:
     step: int = 0
 
 
-@dataclass
-class FinetuneRun:
-    """One fine-tuning run: built things (``classifier``, ``ema``, ``trainer``, data, schedule, mixup, loss), the
-    derived numbers (``plan``), the opened sinks and the state that moves."""
+@dataclass(kw_only=True)
+class FinetuneRun(LoopRun):
+    """One fine-tuning run: besides the loop's parts (``LoopRun``), the recipe, the classes, the classifier
+    (``trainer.module``) and its EMA, the data, the schedule, the mixer and the loss, and the best evaluation."""
 
-    cfg: DictConfig
-    dist: DistInfo
-    run_dir: Path
     recipe: FinetuneRecipe
     classes: list[str]
-    classifier: nn.Module                 # ``trainer.module``
+    classifier: nn.Module
     ema: ModelEmaV3
-    trainer: Trainer
     train_set: SeededItems
     val_set: Dataset
     schedule: FinetuneSchedule
     mixup: BatchMixer
     criterion: nn.Module
-    plan: EpochPlan
-    tally: Tally
-    lock: RunLock | None = None
-    logger: MetricsLogger | None = None
-    progress: tqdm | None = None
     best: Best = field(default_factory=Best)
-    start_step: int = 0
-    step: int = 0
-    wandb_id: str | None = None
-    loader: Iterator | None = None
-    loader_epoch: int | None = None
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def latest(self) -> Path:
-        return latest_checkpoint(self.run_dir)
 
     @property
     def model_name(self) -> str:
@@ -132,30 +105,15 @@ def finetune(cfg: DictConfig, on_hold: Callable[[], None] | None = None) -> dict
     """Fine-tune as configured; returns a summary (accuracies, best, paths). ``on_hold`` is called on rank 0 once
     the run directory is held (the CLI writes hydra's records there then)."""
     check_finetune_config(cfg)  # user errors at start-up, before anything heavy
-    dist_info = setup_distributed(cfg.trainer.device, int(cfg.trainer.dist_timeout_s))
-    lock = None
-    try:
-        lock = hold_run_dir(Path(cfg.run_dir), dist_info)
-        if on_hold is not None and dist_info.is_main:
-            on_hold()
+
+    def body(dist_info: DistInfo, lock: RunLock | None) -> dict:
         run = _build(cfg, dist_info, lock)
         _restore(run)
         _start(run)
-        stopped_by = _train(run)
-        return _finish(run, stopped_by)
-    finally:
-        if lock is not None:
-            lock.release()
-        cleanup_distributed()
+        return _finish(run, train(run, lambda step: _train_step(run, step, _next_batches(run, step)),
+                                  PERIODIC_ACTIONS, lambda: _checkpoint(run)))
 
-
-def _plan(cfg: DictConfig, recipe: FinetuneRecipe, train_size: int, world: int) -> EpochPlan:
-    batch, accum = int(cfg.trainer.batch_size), int(cfg.trainer.accum_steps)
-    steps_per_epoch = train_size // world // (batch * accum)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{train_size} training images are fewer than one step of {world} x {batch} x {accum}")
-    total = int(cfg.trainer.max_steps or recipe.epochs * steps_per_epoch)
-    return EpochPlan(steps_per_epoch, total, batch * world * accum, recipe.warmup_epochs * steps_per_epoch)
+    return run_job(cfg, on_hold, body)
 
 
 @dataclass
@@ -171,9 +129,10 @@ class ClassifierTraining:
     criterion: nn.Module
 
 
-def build_classifier_training(cfg: DictConfig, recipe: FinetuneRecipe, num_classes: int, plan: EpochPlan,
+def build_classifier_training(cfg: DictConfig, recipe: FinetuneRecipe, num_classes: int, plan: StepPlan,
                               dist_info: DistInfo) -> ClassifierTraining:
-    """The classifier of ``cfg.model`` for ``num_classes`` and all that steps it (``sparkme-bench`` times this)."""
+    """The classifier of ``cfg.model`` for ``num_classes`` and all that steps it (``sparkme-bench`` times this).
+    SparK's warm-up (``recipe.warmup_epochs``) may end mid-epoch."""
     classifier = create_classifier(str(cfg.model), num_classes, recipe.drop_path, cfg.source)
     if cfg.init:
         report = load_pretrained_dense(classifier, str(cfg.model), cfg.init)
@@ -184,13 +143,13 @@ def build_classifier_training(cfg: DictConfig, recipe: FinetuneRecipe, num_class
     ema = ModelEmaV3(classifier, decay=recipe.ema_decay)  # before SyncBN, as SparK makes it
     if cfg.trainer.sync_bn and dist_info.world_size > 1:
         classifier = to_sync_batchnorm(classifier)
-    lr = recipe.base_lr * plan.global_batch / 256
+    lr = recipe.peak_lr(plan.global_batch)
     optimizer = build_optimizer(classifier, str(cfg.model), recipe, lr)
     trainer = Trainer(classifier, optimizer, dist_info, amp=cfg.trainer.amp, accum=int(cfg.trainer.accum_steps),
                       clip_grad=None, skip_nonfinite=bool(cfg.trainer.skip_nonfinite))
-    return ClassifierTraining(classifier, ema, trainer, FinetuneSchedule(optimizer, lr, plan.warmup_steps,
-                                                                         plan.total_steps),
-                              build_mixup(recipe, num_classes), build_loss(recipe))
+    schedule = FinetuneSchedule(optimizer, lr, recipe.warmup_epochs * plan.steps_per_epoch, plan.total_steps)
+    return ClassifierTraining(classifier, ema, trainer, schedule, build_mixup(recipe, num_classes),
+                              build_loss(recipe))
 
 
 def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) -> FinetuneRun:
@@ -202,27 +161,20 @@ def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) ->
     layout = check_labelled_root(cfg.data.root, cfg.data.val_fraction)
     train_set, val_set, classes = labelled_splits(layout, train_transform(cfg.image_size),
                                                   eval_transform(cfg.image_size), cfg.seed)
-    plan = _plan(cfg, recipe, len(train_set), dist_info.world_size)
+    plan = plan_steps(cfg.trainer, len(train_set), dist_info.world_size, recipe.epochs)
     parts = build_classifier_training(cfg, recipe, len(classes), plan, dist_info)
-    return FinetuneRun(cfg=cfg, dist=dist_info, run_dir=Path(cfg.run_dir), recipe=recipe, classes=classes,
-                       classifier=parts.classifier, ema=parts.ema, trainer=parts.trainer,
-                       train_set=SeededItems(train_set, cfg.seed), val_set=val_set, schedule=parts.schedule,
-                       mixup=parts.mixup, criterion=parts.criterion, plan=plan, tally=Tally(plan.global_batch),
-                       lock=lock)
+    return FinetuneRun(cfg=cfg, dist=dist_info, run_dir=Path(cfg.run_dir), trainer=parts.trainer,
+                       tally=Tally(plan.global_batch), total_steps=plan.total_steps,
+                       steps_per_epoch=plan.steps_per_epoch, lock=lock, recipe=recipe, classes=classes,
+                       classifier=parts.classifier, ema=parts.ema, train_set=SeededItems(train_set, cfg.seed),
+                       val_set=val_set, schedule=parts.schedule, mixup=parts.mixup, criterion=parts.criterion)
 
 
 def _restore(run: FinetuneRun) -> None:
     """Continue from a checkpoint: the classifier, optimizer, scaler, step, RNG, log window, EMA and best so far."""
-    path = resume_path(run.cfg.resume, run.run_dir)
-    if path is None:
-        if run.dist.is_main and run.latest.exists():
-            log.warning("%s holds a checkpoint; this run starts from scratch and replaces it (resume=auto "
-                        "continues it)", run.latest)
+    restored = restore_or_warn(run, KIND, run.model_name)
+    if restored is None:
         return
-    restored = restore_checkpoint(path, run.trainer, KIND, run.model_name)
-    run.start_step = run.step = restored.step
-    run.wandb_id = restored.wandb_id
-    run.tally.window = restored.log_window
     # The EMA is saved as the bare model's state dict and loaded into the bare model (not into timm's wrapper,
     # whose keys carry a ``module.`` prefix): the mismatch that stops SparK's fine-tunes from resuming.
     run.ema.module.load_state_dict(restored.extra["ema"])
@@ -231,35 +183,14 @@ def _restore(run: FinetuneRun) -> None:
 
 def _start(run: FinetuneRun) -> None:
     """Wrap for DDP, open the log where the run starts (removing what it will write again)."""
-    cfg = run.cfg
     run.trainer.wrap_ddp()
+    open_logger(run, "finetune")
     if run.dist.is_main:
-        run.logger = MetricsLogger(run.run_dir, cfg.logger.wandb_mode, cfg.logger.project, cfg.name,
-                                   OmegaConf.to_container(cfg, resolve=True), resume_id=run.wandb_id,
-                                   start_step=run.start_step)
         log.info("fine-tuning %s on %d classes: %d training / %d validation images, %d steps of %d images, lr %.3g",
-                 run.model_name, len(run.classes), len(run.train_set), len(run.val_set), run.plan.total_steps,
-                 run.plan.global_batch, run.schedule.peak_lr)
-    run.summary = {"run_dir": str(run.run_dir), "total_steps": run.plan.total_steps, "start_step": run.start_step,
+                 run.model_name, len(run.classes), len(run.train_set), len(run.val_set), run.total_steps,
+                 run.tally.images_per_step, run.schedule.peak_lr)
+    run.summary = {"run_dir": str(run.run_dir), "total_steps": run.total_steps, "start_step": run.start_step,
                    "classes": len(run.classes)}
-    run.progress = tqdm(total=run.plan.total_steps, initial=run.start_step, dynamic_ncols=True, desc="finetune",
-                        disable=not run.dist.is_main or not cfg.trainer.progress)
-
-
-def _train(run: FinetuneRun) -> str | None:
-    run.tally.started = time.time()
-
-    def advance(steps_done: int, metrics: dict | None) -> None:
-        run.step = steps_done
-        for action in PERIODIC_ACTIONS:
-            action(run, metrics)
-
-    try:
-        return run_steps(run.start_step, run.plan.total_steps,
-                         lambda step: _train_step(run, step, _next_batches(run, step)), [advance],
-                         lambda: _checkpoint(run), run.cfg.trainer.stop_at_step, run.dist.is_main)
-    finally:
-        run.progress.close()
 
 
 def _loader(run: FinetuneRun, epoch: int, start: int) -> DataLoader:
@@ -273,16 +204,9 @@ def _loader(run: FinetuneRun, epoch: int, start: int) -> DataLoader:
 
 
 def _next_batches(run: FinetuneRun, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The ``accum`` micro-batches ``(images (B, 3, H, W), labels (B,))`` of ``step``; the order depends only on
-    the step, so a resume reads exactly what an uninterrupted run reads."""
-    epoch, within = divmod(step, run.plan.steps_per_epoch)
-    if run.loader_epoch != epoch:
-        start = within * int(run.cfg.trainer.batch_size) * run.trainer.accum
-        run.loader = iter(_loader(run, epoch, start))
-        run.loader_epoch = epoch
+    """The ``accum`` micro-batches ``(images (B, 3, H, W), labels (B,))`` of ``step``, on the device."""
     memory_format = torch.channels_last if run.cfg.trainer.channels_last else torch.contiguous_format
-    for _ in range(run.trainer.accum):
-        images, labels = next(run.loader)
+    for images, labels in next_batches(run, step, lambda epoch, start: _loader(run, epoch, start)):
         yield images.to(run.dist.device, memory_format=memory_format, non_blocking=True), labels.to(run.dist.device)
 
 
@@ -305,7 +229,7 @@ def _train_step(run: FinetuneRun, step: int, batches: Iterable) -> dict | None:
     if metrics is None:
         return None
     run.ema.update(run.classifier)
-    return {**metrics, "lr": lr, "epoch": step // run.plan.steps_per_epoch}
+    return {**metrics, "lr": lr, "epoch": step // run.steps_per_epoch}
 
 
 @torch.no_grad()
@@ -334,28 +258,18 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
 
 # --- periodic actions, after every step, in this order -----------------------------------------------------------
 def _tally(run: FinetuneRun, metrics: dict | None) -> None:
-    if metrics is None:
-        return
-    metrics["img_per_s"] = speed = run.tally.add(metrics["loss"])
-    run.progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{speed:.1f}",
-                             best=f"{run.best.top1:.1f}")
-    run.progress.update(1)
+    tally_step(run, metrics, best=f"{run.best.top1:.1f}")
 
 
 def _log_metrics(run: FinetuneRun, metrics: dict | None) -> None:
-    if metrics is None or not (run.step % run.cfg.trainer.log_every == 0 or run.step == run.plan.total_steps):
-        return
-    loss = run.tally.window_mean()
-    if run.logger is not None:
-        run.logger.log({"loss": loss, "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
-                        "img_per_s": metrics["img_per_s"], "epoch": metrics["epoch"]}, step=run.step)
+    log_when_due(run, metrics, ("lr", "grad_norm", "img_per_s", "epoch"))
 
 
 def _evaluate_when_due(run: FinetuneRun, metrics: dict | None) -> None:
     """At the end of every ``trainer.eval_every`` epochs and at the last step: the model and its EMA on the
     validation images (rank 0); the better of the two, if the best so far, is saved as ``best.pt``."""
-    every = run.cfg.trainer.eval_every * run.plan.steps_per_epoch
-    if not (run.step % every == 0 or run.step == run.plan.total_steps) or not run.dist.is_main:
+    every = run.cfg.trainer.eval_every * run.steps_per_epoch
+    if not (run.step % every == 0 or run.step == run.total_steps) or not run.dist.is_main:
         return
     args = (run.val_set, int(run.cfg.trainer.eval_batch_size), run.dist.device, len(run.classes),
             bool(run.cfg.trainer.channels_last))
@@ -369,7 +283,7 @@ def _evaluate_when_due(run: FinetuneRun, metrics: dict | None) -> None:
             save_atomic({"model": weights, "classes": run.classes, "model_name": run.model_name,
                          "top1": result["top1"], "source": source, "step": run.step},
                         run.run_dir / "checkpoints" / "best.pt")
-    record.update(best_top1=run.best.top1, epoch=(run.step - 1) // run.plan.steps_per_epoch + 1)
+    record.update(best_top1=run.best.top1, epoch=(run.step - 1) // run.steps_per_epoch + 1)
     run.logger.log(record, step=run.step)
     log.info("step %d: top-1 %.2f %% (EMA %.2f %%), best %.2f %% (%s at step %d)", run.step,
              results["model"]["top1"], results["ema"]["top1"], run.best.top1, run.best.source, run.best.step)
@@ -377,8 +291,8 @@ def _evaluate_when_due(run: FinetuneRun, metrics: dict | None) -> None:
 
 def _checkpoint_when_due(run: FinetuneRun, metrics: dict | None) -> None:
     every = run.cfg.trainer.ckpt_every
-    epoch_end = run.step % run.plan.steps_per_epoch == 0
-    if ((every and run.step % every == 0) or epoch_end) and run.step != run.plan.total_steps:
+    epoch_end = run.step % run.steps_per_epoch == 0
+    if ((every and run.step % every == 0) or epoch_end) and run.step != run.total_steps:
         _checkpoint(run)
 
 
@@ -388,16 +302,8 @@ PERIODIC_ACTIONS = (_tally, _log_metrics, _evaluate_when_due, _checkpoint_when_d
 
 
 def _checkpoint(run: FinetuneRun) -> Path | None:
-    def before_write() -> None:
-        if run.lock is not None:
-            run.lock.check()
-        if run.logger is not None:
-            run.logger.sync()
-
-    extra = {"ema": run.ema.module.state_dict(), "best": vars(run.best).copy()}
-    return save_checkpoint(run.latest, run.trainer, run.step, run.cfg, KIND, run.model_name,
-                           wandb_id=run.logger.run_id if run.logger is not None else None,
-                           log_window=run.tally.window, extra=extra, before_write=before_write)
+    return checkpoint_run(run, KIND, run.model_name,
+                          extra={"ema": run.ema.module.state_dict(), "best": vars(run.best).copy()})
 
 
 def _finish(run: FinetuneRun, stopped_by: str | None) -> dict:
