@@ -112,7 +112,8 @@ def test_settings_are_checked_and_normalised_once_when_built(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--models", "vgg11"], "unknown model 'vgg11'; choose a timm model of a supported family"),
+        (["--models", "vgg11"], "unknown model 'vgg11': sparkme supports ResNets and these families: ResNet"),
+        (["--models", "resnet_typo"], "unknown model 'resnet_typo': timm has no such model"),
         (["--ratios", "0.5,1.0"], r"mask ratio must be in \[0, 1\).*got 1.0"),
         (["--image-size", "100"], "image size 100x100 is not supported"),
         (["--batch-sizes", "0"], "batch size must be an integer >= 1, got 0"),

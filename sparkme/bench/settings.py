@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-import timm
 import torch
 
 from sparkme.bench.steps import DECODER_WIDTH
@@ -14,21 +13,13 @@ from sparkme.engine.config_checks import usable_backend
 from sparkme.engine.distributed import resolve_device
 from sparkme.errors import UsageError
 from sparkme.masking import check_image_size, check_mask_ratio
-from sparkme.models.families import SUPPORTED_PREFIXES, TESTED_MODELS
+from sparkme.models.backbones import check_model_name
 from sparkme.models.spark import DENSE_LAYOUTS
 from sparkme.sparse.registry import BACKEND_NAMES
 
 REFERENCE = "masked"  # the backend every ratio is taken against
 DEFAULT_MODELS = ("resnet50", "convnext_small")
 DEFAULT_RATIOS = (0.6, 0.75)
-
-
-def check_model_name(name: str) -> str:
-    """``name`` when timm has it and sparkme supports its family (``families.TESTED_MODELS``), else a UsageError."""
-    if not (name.startswith(SUPPORTED_PREFIXES) and timm.is_model(name)):
-        raise UsageError(f"unknown model {name!r}; choose a timm model of a supported family: "
-                         + ", ".join(f"{family} (e.g. {model})" for family, model in TESTED_MODELS.items()))
-    return name
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,19 @@ from sparkme.errors import UsageError
 from sparkme.models import families
 from sparkme.models.families import SUPPORTED_PREFIXES, TESTED_MODELS
 
-__all__ = ["SUPPORTED_PREFIXES", "TESTED_MODELS", "TORCHVISION_RESNETS", "create_backbone"]
+__all__ = ["SUPPORTED_PREFIXES", "TESTED_MODELS", "TORCHVISION_RESNETS", "check_model_name", "create_backbone"]
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
                        "wide_resnet101_2")
+
+
+def check_model_name(name: str) -> str:
+    """``name`` when it is a timm model of a supported family; else a UsageError naming the families."""
+    families.family_of(name)
+    if not timm.is_model(name):
+        raise UsageError(f"unknown model {name!r}: timm has no such model; tested families: "
+                         + ", ".join(f"{family} ({model})" for family, model in TESTED_MODELS.items()))
+    return name
 
 
 def create_backbone(name: str, source: str = "timm", drop_path_rate: float | None = None) -> nn.Module:
@@ -40,8 +49,6 @@ def create_backbone(name: str, source: str = "timm", drop_path_rate: float | Non
         return getattr(torchvision.models, name)()
     if source != "timm":
         raise ValueError(f"unknown model source {source!r}; choose timm or torchvision")
-    if not timm.is_model(name):
-        raise UsageError(f"unknown model {name!r}: timm has no such model; tested families: "
-                         + ", ".join(f"{family} ({model})" for family, model in TESTED_MODELS.items()))
+    check_model_name(name)
     # Some families (DenseNet) take no drop_path_rate argument at all: pass it only when stochastic depth is on.
     return timm.create_model(name, pretrained=False, **({"drop_path_rate": rate} if rate else {}))

@@ -154,12 +154,6 @@ def densify_norm_of(model: nn.Module) -> str:
     return "ln" if any(isinstance(m, nn.LayerNorm) for m in model.modules()) else "bn"
 
 
-def spark_layout_of(model_name: str) -> str | None:
-    """``"resnet"`` / ``"convnext"`` when SparK releases checkpoints of ``model_name``'s family, else None."""
-    family = find_family(model_name)
-    return None if family is None else family.spark_layout
-
-
 def head_prefixes(layout: str | None) -> tuple[str, ...]:
     """The timm classifier-head prefixes of the family with SparK ``layout`` (``()`` for None or another)."""
     return next((f.head_prefixes for f in FAMILIES if layout is not None and f.spark_layout == layout), ())
