@@ -48,6 +48,7 @@ setup(
             "sparkme-pretrain=sparkme.cli:main",
             "sparkme-export=sparkme.export:main",
             "sparkme-bench=sparkme.bench:main",
+            "sparkme-finetune=sparkme.finetune.cli:main",
             "sparkme-install-minkowski=sparkme.install.minkowski:cli",
         ]
     },
