@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from sparkme.engine.lost_rank import RankLostError, exit_with_rank_lost
 from sparkme.engine.pretrain import pretrain
 from sparkme.errors import UsageError, exit_with_usage_error, run_reporting_usage_errors
 from sparkme.hydra_output import defer_hydra_output, hold_hydra_output
@@ -57,7 +58,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _pretrain_and_report(cfg: DictConfig, write_after_lock) -> None:
-    summary = pretrain(cfg, on_hold=write_after_lock)
+    try:
+        summary = pretrain(cfg, on_hold=write_after_lock)
+    except RankLostError as error:  # one line, not the transport's error inside hydra's traceback
+        exit_with_rank_lost(COMMAND, error)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
 
