@@ -35,7 +35,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import randomise_affine  # noqa: E402  (the affine randomisation the encoder tests use)
 from sparkme import SparseEncoder, random_mask
-from sparkme.sparse import masked_backend, ops, torch_backend
+from sparkme.sparse import base, masked_backend, ops, torch_backend
 
 
 def inputs(ratio: float, batch: int = 2, size: int = 224) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,15 +60,15 @@ def gradients(dense, backend, images, mask, dtype, swap: bool = False) -> dict[s
 @contextlib.contextmanager
 def float64_kernels():
     """The torch backend's gather-GEMM / depthwise / 1x1 convs and every BatchNorm computed in float64."""
-    gather_conv = torch_backend.gather_conv
+    gather_conv, linear_conv1x1 = torch_backend.gather_conv, base.linear_conv1x1
 
-    def linear64(features, conv):
-        bias = None if conv.bias is None else conv.bias.double()
-        return F.linear(features.double(), conv.weight.flatten(1).double(), bias).to(features.dtype)
+    def linear64(features, weight, bias, groups):
+        bias = None if bias is None else bias.double()
+        return linear_conv1x1(features.double(), weight.double(), bias, groups).to(features.dtype)
 
-    def conv64(features, neighbours, weight, bias, groups, same_sites):
+    def conv64(features, neighbours, weight, bias, spec):
         out = gather_conv(features.double(), neighbours, weight.double(), None if bias is None else bias.double(),
-                          groups, same_sites)
+                          spec)
         return out.to(features.dtype)
 
     def bn64(x, bn):
@@ -81,8 +81,7 @@ def float64_kernels():
             bn.running_var.copy_(var)
         return x.from_visible_rows(out.to(rows.dtype))
 
-    with mock.patch.object(torch_backend, "gather_conv", conv64), mock.patch.object(torch_backend, "linear_conv1x1",
-                                                                                      linear64), \
+    with mock.patch.object(torch_backend, "gather_conv", conv64), mock.patch.object(base, "linear_conv1x1", linear64), \
             mock.patch.object(ops, "batch_norm", bn64):
         yield
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from sparkme.convert.pointwise import is_pointwise
 from sparkme.sparse import ops
-from sparkme.sparse.base import SparseMap, conv_taps
-from sparkme.sparse.context import conv_geometry
+from sparkme.sparse.base import SparseMap
+from sparkme.sparse.conv import SPEC_ATTRIBUTE, Algorithm, freeze_spec, module_conv2d
 
 # The per-site layers of each ConvNeXt MLP, in the order its forward applies them.
 MLPS: dict[type, tuple[str, ...]] = {
@@ -32,7 +32,7 @@ def _per_site(layer: nn.Module | None, x: SparseMap) -> SparseMap:
     if isinstance(layer, nn.LayerNorm):
         return ops.layer_norm(x, layer)
     if isinstance(layer, nn.Conv2d):
-        return x.conv2d(layer)
+        return module_conv2d(x, layer)
     if isinstance(layer, GlobalResponseNorm):
         return ops.global_response_norm(x, layer)
     return ops.pointwise(x, layer)
@@ -40,7 +40,7 @@ def _per_site(layer: nn.Module | None, x: SparseMap) -> SparseMap:
 
 def convnext_block(block: timm_convnext.ConvNeXtBlock, x: SparseMap) -> SparseMap:
     """``x + drop_path(gamma * mlp(norm(conv_dw(x))))`` on a sparse map ``x`` (C channels, any stride)."""
-    out = _per_site(block.norm, x.conv2d(block.conv_dw))
+    out = _per_site(block.norm, module_conv2d(x, block.conv_dw))
     for name in MLPS[type(block.mlp)]:
         out = _per_site(getattr(block.mlp, name, None), out)
     if block.gamma is not None:
@@ -52,20 +52,20 @@ def convnext_block(block: timm_convnext.ConvNeXtBlock, x: SparseMap) -> SparseMa
 
 
 def check_block(block: timm_convnext.ConvNeXtBlock, args=(), kwargs=None) -> str | None:
-    """Why ``block`` cannot run as above, or None."""
+    """Why ``block`` cannot run as above, or None; freezes the ``ConvSpec`` of its convs on them."""
     if type(block.mlp) not in MLPS:
         return f"MLP {type(block.mlp).__name__} (supported: {', '.join(t.__name__ for t in MLPS)})"
     if not isinstance(block.shortcut, nn.Identity):
         return f"shortcut {type(block.shortcut).__name__} (only an identity shortcut)"
-    kernel, stride, padding = conv_taps(block.conv_dw)
-    try:
-        conv_geometry(kernel, stride, padding)
-    except ValueError as error:
-        return str(error)
+    reason = freeze_spec(block.conv_dw)
+    if reason:
+        return reason
     layers = [block.norm, *(getattr(block.mlp, n, None) for n in MLPS[type(block.mlp)])]
     for layer in layers:
-        if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.stride != (1, 1)):
-            return f"MLP conv {layer} (only 1x1 stride-1 convs are per site)"
+        if isinstance(layer, nn.Conv2d):
+            reason = freeze_spec(layer)
+            if reason or getattr(layer, SPEC_ATTRIBUTE).algorithm is not Algorithm.PER_SITE:
+                return f"MLP conv {layer} (only 1x1 stride-1 convs are per site)"
         if layer is not None and not isinstance(layer, (nn.LayerNorm, nn.Linear, nn.Conv2d, GlobalResponseNorm)) \
                 and not is_pointwise(layer):
             return f"layer {type(layer).__name__} has no per-site meaning"

@@ -26,8 +26,9 @@ from torch import nn
 from sparkme.convert import convnext_leaf
 from sparkme.convert.pointwise import is_pointwise
 from sparkme.sparse import ops
-from sparkme.sparse.base import SparseMap, conv_taps
+from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import conv_geometry
+from sparkme.sparse.conv import freeze_spec, module_conv2d
 
 MAP, MAPS, DENSE = "map", "maps", "dense"
 
@@ -41,7 +42,8 @@ class SparseOp:
             function or the method name.
         returns: ``MAP``, ``MAPS`` (a tuple of maps) or ``DENSE`` (a per-sample tensor or a plain value).
         check: ``check(target, args, kwargs) -> reason or None`` at conversion; ``args`` hold fx nodes where the
-            value is only known at run time.
+            value is only known at run time. A module's check may store on it what its ``run`` reads (a conv's
+            ``ConvSpec``).
     """
 
     run: Callable[..., Any]
@@ -50,17 +52,6 @@ class SparseOp:
 
 
 # --- modules --------------------------------------------------------------------------------------------------------
-def _conv_settings(conv: nn.Conv2d, args=(), kwargs=None) -> str | None:
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (only zero padding has a sparse meaning)"
-    try:
-        kernel, stride, padding = conv_taps(conv)
-        conv_geometry(kernel, stride, padding)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def _norm_act_settings(bn: BatchNormAct2d, args=(), kwargs=None) -> str | None:
     for part in ("drop", "act"):
         child = getattr(bn, part, None)
@@ -97,7 +88,8 @@ def _identity(module, x, *args, **kwargs):
 
 MODULE_OPS: Mapping[type, SparseOp] = MappingProxyType({
     nn.Identity: SparseOp(_identity),
-    nn.Conv2d: SparseOp(lambda conv, x: x.conv2d(conv), check=_conv_settings),
+    # The spec (geometry and algorithm) is frozen on the conv at conversion.
+    nn.Conv2d: SparseOp(lambda conv, x: module_conv2d(x, conv), check=lambda conv, args, kwargs: freeze_spec(conv)),
     nn.BatchNorm2d: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
     nn.SyncBatchNorm: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
     # timm's BN + activation: fed the visible rows as (N, C, 1, 1), its activation is per site too.

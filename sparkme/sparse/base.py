@@ -4,7 +4,7 @@ A ``SparseMap`` is the set of visible sites of a feature map at one tensor strid
 operations (1x1 conv, Linear, norms, activations, layer scale, residual add) are plain torch ops on ``features``,
 whose **last dimension is channels** for every backend, so they are shared code (``sparkme.sparse.ops``). Only
 spatial operations (k x k conv, strided conv, pooling) and densifying are backend work; their gather-GEMM kernels
-live in ``sparkme.sparse.kernels``.
+live in ``sparkme.sparse.kernels``; ``sparkme.sparse.conv`` picks a conv's kernel once per layer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from collections.abc import Callable
 import torch
 
 from sparkme.sparse.context import MaskContext
+from sparkme.sparse.conv import ConvSpec, conv2d
+from sparkme.sparse.grid_depthwise import grid_depthwise_conv
+from sparkme.sparse.kernels import linear_conv1x1
 
 
 class SparseMap(abc.ABC):
@@ -84,11 +87,31 @@ class SparseMap(abc.ABC):
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
         """Spread ``(B, C)`` per-image values to every site of that image, shaped like ``features``."""
 
-    # --- spatial ops (backend work) -----------------------------------------------------------------------------
-    @abc.abstractmethod
+    # --- convolution: the kernels ``sparkme.sparse.conv.conv2d`` calls by the spec's algorithm ---------------------
     def conv2d(self, conv: torch.nn.Conv2d) -> SparseMap:
-        """Submanifold (stride 1) or strided sparse convolution with the weights of a dense ``nn.Conv2d``."""
+        """Submanifold (stride 1) or strided sparse convolution with the weights of a dense ``nn.Conv2d`` (its spec
+        derived now; converted encoders use the one frozen at conversion)."""
+        return conv2d(self, conv.weight, conv.bias, ConvSpec.of(conv))
 
+    def per_site_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> SparseMap:
+        """``PER_SITE``: a 1x1 stride-1 conv, one GEMM on the rows."""
+        return self.with_features(linear_conv1x1(self.features, weight, bias, spec.groups))
+
+    def grid_depthwise_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> SparseMap:
+        """``GRID_DEPTHWISE``: a stride-1 'same' depthwise conv through a dense scratch grid."""
+        sites, grid = self.grid_sites()
+        return self.with_features(grid_depthwise_conv(self.features, sites, grid, weight, bias))
+
+    def grid_sites(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """``(N,)`` flat grid index of each row (in row order) and the grid ``(B, H/stride, W/stride)``; rows here
+        are the ``MaskContext``'s row-major visible sites (a backend with its own row order overrides this)."""
+        return self.context.flat_sites(self.stride), self.context.grid_shape(self.stride)
+
+    @abc.abstractmethod
+    def gather_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> SparseMap:
+        """``GATHER_*``: a k x k, strided or grouped conv through a neighbour table (or the backend's own kernel)."""
+
+    # --- other spatial ops (backend work) -----------------------------------------------------------------------
     @abc.abstractmethod
     def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
         """Max pooling over visible neighbours only."""
@@ -126,14 +149,3 @@ class SparseMap(abc.ABC):
             return dense
         visible = self.dense_mask()[:, None]
         return torch.where(visible, dense, fill.to(dense.dtype).view(1, -1, 1, 1))
-
-
-def conv_taps(conv: torch.nn.Conv2d) -> tuple[int, int, int]:
-    """(kernel, stride, padding) of a square, undilated conv; clear error otherwise."""
-    (kh, kw), (sh, sw), padding, (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    if isinstance(padding, str) or kh != kw or sh != sw or padding[0] != padding[1] or dh != 1 or dw != 1:
-        raise ValueError(
-            f"unsupported Conv2d {conv}: sparse backends need square kernels, equal strides and paddings, "
-            "and dilation 1"
-        )
-    return kh, sh, padding[0]

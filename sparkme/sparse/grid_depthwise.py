@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparkme.sparse.base import conv_taps
-
 
 class _GridDepthwise(torch.autograd.Function):
     @staticmethod
@@ -55,12 +53,6 @@ def _gather(dense: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
 
 def _conv(dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(dense, weight, None, padding=weight.shape[-1] // 2, groups=weight.shape[0])
-
-
-def is_submanifold_depthwise(conv: torch.nn.Conv2d) -> bool:
-    """A stride-1 'same' depthwise conv (one input channel per group, as many outputs), the case this file runs."""
-    kernel, stride, padding = conv_taps(conv)
-    return conv.groups == conv.in_channels == conv.out_channels and stride == 1 and padding == kernel // 2
 
 
 def grid_depthwise_conv(features: torch.Tensor, sites: torch.Tensor, grid: tuple[int, int, int],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparkme.sparse.conv import Algorithm, ConvSpec
+
 
 class _GatherGemmConv(torch.autograd.Function):
     """k x k conv as gather (im2col on visible rows) + one GEMM, saving only the input rows for backward: the
@@ -75,33 +77,32 @@ def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c_in)
 
 
-def gather_conv(
-    features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
-    same_sites: bool,
-) -> torch.Tensor:
-    """Sparse k x k convolution as one gather and one GEMM, a gathered depthwise product, or a batched GEMM per
-    group (custom autograd functions above keep only the input rows for backward).
+def gather_conv(features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                spec: ConvSpec) -> torch.Tensor:
+    """Sparse k x k convolution through a neighbour table, by the spec's gather algorithm: one gather and one GEMM
+    (``GATHER_GEMM``), a gathered depthwise product, or a batched GEMM per group.
 
     Args:
         features: ``(N_in, C_in)`` input rows.
         neighbours: ``(N_out, K)`` rows read by each output tap; ``N_in`` means "missing" (reads zeros).
         weight: dense ``(C_out, C_in/groups, k, k)`` with ``K = k*k`` taps ordered ``ky*k + kx``.
         bias: ``(C_out,)`` or None.
-        groups: any divisor of ``C_in`` and ``C_out`` (1 = dense, ``C_in == C_out`` = depthwise).
-        same_sites: output sites are the input sites (a stride-1, submanifold conv).
+        spec: the conv's ``ConvSpec`` (a ``GATHER_*`` algorithm).
 
     Returns:
         ``(N_out, C_out)``.
     """
-    c_out, c_in_per_group, k, _ = weight.shape
-    if groups == 1:
-        out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, same_sites)
-    elif groups == c_out == features.shape[1] and c_in_per_group == 1:
+    if spec.algorithm is Algorithm.GATHER_GEMM:
+        out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, spec.same_sites)
+    elif spec.algorithm is Algorithm.GATHER_DEPTHWISE:
         # Strided depthwise (stride-1 ones run on a scratch grid: sparse/grid_depthwise.py).
+        c_out, _, k, _ = weight.shape
         tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
         out = torch.einsum("nkc,kc->nc", _with_missing_row(features)[neighbours], tap_weight)
+    elif spec.algorithm is Algorithm.GATHER_GROUPED:
+        out = _grouped_gather_conv(features, neighbours, weight, spec.groups)
     else:
-        out = _grouped_gather_conv(features, neighbours, weight, groups)
+        raise ValueError(f"gather_conv cannot run a {spec.algorithm.value} conv")
     return out if bias is None else out + bias
 
 
@@ -133,13 +134,14 @@ def gather_avg_pool(features: torch.Tensor, neighbours: torch.Tensor) -> torch.T
     return total / count.to(features.dtype)
 
 
-def linear_conv1x1(features: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+def linear_conv1x1(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   groups: int) -> torch.Tensor:
     """A 1x1 stride-1 conv on channels-last features ``(..., C_in)`` is one GEMM (one per group), identical for
-    every backend."""
-    if conv.groups == 1:
-        return F.linear(features, conv.weight.flatten(1), conv.bias)
-    groups, c_out = conv.groups, conv.out_channels
+    every true-sparse backend. ``weight``: ``(C_out, C_in/groups, 1, 1)``; ``bias``: ``(C_out,)`` or None."""
+    if groups == 1:
+        return F.linear(features, weight.flatten(1), bias)
+    c_out = weight.shape[0]
     grouped = features.reshape(*features.shape[:-1], groups, features.shape[-1] // groups)
-    out = torch.einsum("...gi,goi->...go", grouped, conv.weight.reshape(groups, c_out // groups, -1))
+    out = torch.einsum("...gi,goi->...go", grouped, weight.reshape(groups, c_out // groups, -1))
     out = out.reshape(*features.shape[:-1], c_out)
-    return out if conv.bias is None else out + conv.bias
+    return out if bias is None else out + bias

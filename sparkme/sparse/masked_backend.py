@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparkme.sparse.base import SparseMap, conv_taps
+from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import conv_geometry
+from sparkme.sparse.conv import ConvSpec
 
 
 class MaskedDenseMap(SparseMap):
@@ -73,10 +74,12 @@ class MaskedDenseMap(SparseMap):
         out = op(self.features.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # masked on first read
         return MaskedDenseMap(self.context, self.stride * stride, out)
 
-    def conv2d(self, conv: torch.nn.Conv2d) -> MaskedDenseMap:
-        kernel, stride, padding = conv_taps(conv)
-        conv_geometry(kernel, stride, padding)
-        return self._dense_op(lambda x: F.conv2d(x, conv.weight, conv.bias, stride, padding, 1, conv.groups), stride)
+    def _dense_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> MaskedDenseMap:
+        return self._dense_op(lambda x: F.conv2d(x, weight, bias, spec.stride, spec.padding, 1, spec.groups),
+                              spec.stride)
+
+    # The oracle runs every algorithm as the dense conv of the masked map.
+    per_site_conv = grid_depthwise_conv = gather_conv = _dense_conv
 
     def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> MaskedDenseMap:
         conv_geometry(kernel_size, stride, padding)

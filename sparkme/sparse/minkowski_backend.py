@@ -12,10 +12,10 @@ import warnings
 
 import torch
 
-from sparkme.sparse.base import SparseMap, conv_taps
+from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext, conv_geometry
-from sparkme.sparse.grid_depthwise import grid_depthwise_conv, is_submanifold_depthwise
-from sparkme.sparse.kernels import gather_avg_pool, gather_conv, linear_conv1x1
+from sparkme.sparse.conv import Algorithm, ConvSpec
+from sparkme.sparse.kernels import gather_avg_pool, gather_conv
 
 try:
     with warnings.catch_warnings():
@@ -95,16 +95,17 @@ class MinkowskiMap(SparseMap):
         key = self.tensor.coordinate_map_key
         return self.context.cached(("me_batch", str(key)), lambda: self.tensor.C[:, 0].long())
 
-    def _flat_sites(self) -> torch.Tensor:
-        """``(N,)`` long: each row's flat index in this map's grid, in MinkowskiEngine's own row order (its coordinates
-        are in pixels, multiples of the stride)."""
+    def grid_sites(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Each row's flat grid index in MinkowskiEngine's own row order (its coordinates are in pixels, multiples
+        of the stride), and the grid."""
 
         def make():
             pixels = self.tensor.C.long()
             coords = torch.cat([pixels[:, :1], pixels[:, 1:] // self.stride], dim=1)
             return self.context.flat_index(coords, self.stride)
 
-        return self.context.cached(("me_flat", str(self.tensor.coordinate_map_key)), make)
+        sites = self.context.cached(("me_flat", str(self.tensor.coordinate_map_key)), make)
+        return sites, self.context.grid_shape(self.stride)
 
     def per_sample_sum(self, features: torch.Tensor) -> torch.Tensor:
         out = features.new_zeros(self.context.batch_size, features.shape[1])
@@ -123,26 +124,19 @@ class MinkowskiMap(SparseMap):
         tensor = ME.SparseTensor(features, coordinate_map_key=key, coordinate_manager=self.tensor.coordinate_manager)
         return MinkowskiMap(self.context, self.stride * stride, tensor)
 
-    def conv2d(self, conv: torch.nn.Conv2d) -> MinkowskiMap:
-        kernel, stride, padding = conv_taps(conv)
-        conv_geometry(kernel, stride, padding)
-        if kernel == 1 and stride == 1:
-            return self.with_features(linear_conv1x1(self.tensor.F, conv))
-        if is_submanifold_depthwise(conv):
-            grid = self.context.grid_shape(self.stride)
-            return self.with_features(grid_depthwise_conv(self.tensor.F, self._flat_sites(), grid, conv.weight,
-                                                          conv.bias))
-        if conv.groups > 1:
-            return self._gathered(conv, kernel, stride)
-        generator = self._kernel_generator(kernel, stride)
+    def gather_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> MinkowskiMap:
+        if spec.algorithm is not Algorithm.GATHER_GEMM:
+            return self._gathered(weight, bias, spec)
+        # groups == 1: MinkowskiEngine's own kernel
+        generator = self._kernel_generator(spec.kernel, spec.stride)
         out_key = ME.CoordinateMapKey(self.tensor.coordinate_map_key.get_coordinate_size())
         out = ME.MinkowskiConvolutionFunction.apply(
-            self.tensor.F, dense_to_minkowski_kernel(conv.weight), generator, ConvolutionMode.DEFAULT,
+            self.tensor.F, dense_to_minkowski_kernel(weight), generator, ConvolutionMode.DEFAULT,
             self.tensor.coordinate_map_key, out_key, self.tensor.coordinate_manager,
         )
-        if conv.bias is not None:
-            out = out + conv.bias
-        return self._wrap(out, out_key, stride)
+        if bias is not None:
+            out = out + bias
+        return self._wrap(out, out_key, spec.stride)
 
     def _strided_table(self, kernel: int, stride: int):
         """Output key at ``stride`` times this map's and the ``(N_out, k*k)`` table into this map's rows."""
@@ -152,18 +146,17 @@ class MinkowskiMap(SparseMap):
                                     lambda: self._neighbours(in_key, out_key, kernel, stride))
         return out_key, table
 
-    def _gathered(self, conv: torch.nn.Conv2d, kernel: int, stride: int) -> MinkowskiMap:
+    def _gathered(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> MinkowskiMap:
         """A grouped (or depthwise) conv as a gather through ME's kernel map and per-group GEMMs."""
         in_key = self.tensor.coordinate_map_key
-        if stride > 1:
-            out_key, table = self._strided_table(kernel, stride)
-            out = gather_conv(self.tensor.F, table, conv.weight, conv.bias, conv.groups, same_sites=False)
-            return self._wrap(out, out_key, stride)
+        if spec.stride > 1:
+            out_key, table = self._strided_table(spec.kernel, spec.stride)
+            return self._wrap(gather_conv(self.tensor.F, table, weight, bias, spec), out_key, spec.stride)
         # MinkowskiEngine stores rows in hash order; 49 random-access gathers per layer are cache-hostile, so the
         # rows are put in (batch, y, x) order once (one gather in, one out) and the taps then read nearby rows.
-        order, inverse, table = self.context.cached(("me_dw", str(in_key), kernel),
-                                                    lambda: self._sorted_neighbours(in_key, kernel))
-        out = gather_conv(self.tensor.F[order], table, conv.weight, conv.bias, conv.groups, same_sites=True)
+        order, inverse, table = self.context.cached(("me_dw", str(in_key), spec.kernel),
+                                                    lambda: self._sorted_neighbours(in_key, spec.kernel))
+        out = gather_conv(self.tensor.F[order], table, weight, bias, spec)
         return self.with_features(out[inverse])
 
     def _sorted_neighbours(self, key, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from sparkme.sparse.base import SparseMap, conv_taps
+from sparkme.sparse.base import SparseMap
 from sparkme.sparse.context import MaskContext
-from sparkme.sparse.grid_depthwise import grid_depthwise_conv, is_submanifold_depthwise
-from sparkme.sparse.kernels import gather_avg_pool, gather_conv, gather_max_pool, linear_conv1x1
+from sparkme.sparse.conv import ConvSpec
+from sparkme.sparse.kernels import gather_avg_pool, gather_conv, gather_max_pool
 
 
 class TorchSparseMap(SparseMap):
@@ -48,16 +48,10 @@ class TorchSparseMap(SparseMap):
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
         return values[self.context.batch_index(self.stride)]
 
-    def conv2d(self, conv: torch.nn.Conv2d) -> TorchSparseMap:
-        kernel, stride, padding = conv_taps(conv)
-        if kernel == 1 and stride == 1:
-            return self.with_features(linear_conv1x1(self._features, conv))
-        if is_submanifold_depthwise(conv):
-            sites, grid = self.context.flat_sites(self.stride), self.context.grid_shape(self.stride)
-            return self.with_features(grid_depthwise_conv(self._features, sites, grid, conv.weight, conv.bias))
-        table = self.context.neighbours(self.stride, kernel, stride, padding)
-        out = gather_conv(self._features, table, conv.weight, conv.bias, conv.groups, same_sites=stride == 1)
-        return TorchSparseMap(self.context, self.stride * stride, out)
+    def gather_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> TorchSparseMap:
+        table = self.context.neighbours(self.stride, spec.kernel, spec.stride, spec.padding)
+        return TorchSparseMap(self.context, self.stride * spec.stride,
+                              gather_conv(self._features, table, weight, bias, spec))
 
     def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
         table = self.context.neighbours(self.stride, kernel_size, stride, padding)
