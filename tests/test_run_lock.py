@@ -97,6 +97,7 @@ def _tree(folder) -> dict:
             if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["run_dir", "hydra.run.dir"])
 def test_a_refused_job_leaves_no_trace_and_the_holder_gets_hydras_records_in_run_dir(tmp_path, where):
     # hydra writes .hydra/ and opens its log before the task: a refused job used to overwrite the first job's records
