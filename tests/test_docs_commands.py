@@ -302,13 +302,13 @@ def results(tmp_path_factory, request) -> dict[str, Result]:
     with ThreadPoolExecutor(WORKERS) as pool:
         for part in pool.map(lambda blocks: _run_file(blocks, root), runnable):
             merged.update(part)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        for where, result in sorted(merged.items(), key=lambda item: -item[1].seconds):
-            reporter.write_line(f"docs command {where}: {result.seconds:.0f} s, exit status {result.returncode}")
-        reporter.write_line(f"docs commands: {len(merged)} blocks in {time.perf_counter() - start:.0f} s wall, "
-                            f"{_children_cpu_s() - cpu:.0f} s CPU")
+    lines = [f"docs command {where}: {result.seconds:.0f} s, exit status {result.returncode}"
+             for where, result in sorted(merged.items(), key=lambda item: -item[1].seconds)]
+    lines.append(f"docs commands: {len(merged)} blocks in {time.perf_counter() - start:.0f} s wall, "
+                 f"{_children_cpu_s() - cpu:.0f} s CPU")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + "\n".join(lines))
     return merged
 
 
