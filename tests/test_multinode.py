@@ -14,14 +14,19 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
 from sparkme.engine.checkpoint import load_checkpoint
 from sparkme.engine.config_checks import check_trainer
+from sparkme.engine.core import Trainer
 from sparkme.engine.distributed import DistInfo
 from sparkme.engine.lost_rank import RankLostError, describe_loss, is_rank_lost, raise_if_rank_lost
 from sparkme.errors import UsageError
@@ -203,3 +208,42 @@ def test_a_lost_peer_is_told_apart_and_described_in_one_line(tmp_path):
     with pytest.raises(RankLostError, match="at step 40"):
         raise_if_rank_lost(gloo, DistInfo(world_size=2), latest, 600)
     raise_if_rank_lost(gloo, DistInfo(), latest, 600)  # one process: not a lost peer, the error stays as it is
+
+
+def _convs() -> nn.Module:
+    """A 1x1 and a depthwise conv: on channels-last inputs their weight gradients come back channels-last."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 7, padding=3, groups=16))
+
+
+def _step_with_and_without_alignment(rank: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        images = torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(rank))
+        images = images.contiguous(memory_format=torch.channels_last)
+        loss_of = lambda ddp_model, micro, x: ddp_model(x).square().mean()  # noqa: E731
+        for aligned in (True, False):  # aligned first: DDP warns only once per process
+            model = _convs()
+            trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), DistInfo(rank, 2, rank))
+            if aligned:
+                trainer.wrap_ddp()
+            else:  # DDP as it was built before
+                trainer.ddp_model = nn.parallel.DistributedDataParallel(model)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.step(0, [images], loss_of)
+            results[(rank, aligned)] = {"warned": any("Grad strides" in str(w.message) for w in caught),
+                                        "weights": [p.detach().clone() for p in model.parameters()]}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_gets_gradients_in_the_parameters_layout_and_the_same_weights(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_step_with_and_without_alignment, args=(str(tmp_path / "rendezvous"), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert results[(rank, False)]["warned"], "the unaligned case no longer warns: the test proves nothing"
+        assert not results[(rank, True)]["warned"]
+        aligned, plain = results[(rank, True)]["weights"], results[(rank, False)]["weights"]
+        assert all(torch.equal(a, b) for a, b in zip(aligned, plain, strict=True))

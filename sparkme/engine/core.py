@@ -36,7 +36,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint, rng_of_rank, save_atomic
-from sparkme.engine.distributed import DistInfo, broadcast_from_main, cleanup_distributed, setup_distributed
+from sparkme.engine.distributed import (
+    DistInfo,
+    align_grad_strides,
+    broadcast_from_main,
+    cleanup_distributed,
+    setup_distributed,
+)
 from sparkme.engine.logging import MetricsLogger
 from sparkme.engine.lost_rank import raise_if_rank_lost
 from sparkme.engine.run_lock import RunLock
@@ -133,6 +139,7 @@ class Trainer:
         """Wrap ``module`` in DDP when several processes train it (no-op in one process)."""
         if self.dist.world_size > 1:
             device = self.dist.device
+            align_grad_strides(self.module)  # else DDP warns "Grad strides do not match bucket view strides"
             self.ddp_model = DistributedDataParallel(self.module,
                                                      device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from dataclasses import dataclass
 
@@ -81,3 +82,24 @@ def to_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     activation of its fused ``BatchNormAct2d`` (RegNet, EfficientNet, DenseNet, CSP); torch's own would replace it
     by a plain ``SyncBatchNorm`` and silently drop the activation."""
     return timm.layers.convert_sync_batchnorm(model)
+
+
+def align_grad_strides(module: torch.nn.Module) -> None:
+    """Give each parameter's gradient the parameter's own strides where the two differ only on size-1 dimensions.
+
+    A channels-last conv hands back a 1x1 kernel's weight gradient (ResNet ``[512, 256, 1, 1]``) or a depthwise one
+    (ConvNeXt ``[320, 1, 7, 7]``) with the strides of channels-last: the same memory as the contiguous parameter, but
+    DDP compares strides exactly, warns "Grad strides do not match bucket view strides" and copies through a strided
+    view at every step. The hook re-labels the strides (a view: no copy, values untouched) before the gradient is
+    accumulated, so it reaches DDP's bucket in the parameter's layout. Call before wrapping in DDP."""
+    for param in module.parameters():
+        if param.requires_grad and param.dim() > 1:
+            param.register_hook(functools.partial(_as_param_strides, tuple(param.shape), param.stride()))
+
+
+def _as_param_strides(shape: tuple[int, ...], strides: tuple[int, ...], grad: torch.Tensor) -> torch.Tensor | None:
+    if grad.layout != torch.strided or grad.stride() == strides or tuple(grad.shape) != shape:
+        return None  # None keeps the gradient as it is
+    if any(have != want for have, want, size in zip(grad.stride(), strides, shape, strict=True) if size > 1):
+        return None  # really another layout: autograd's layout contract copies it into the parameter's
+    return grad.as_strided(shape, strides, grad.storage_offset())
