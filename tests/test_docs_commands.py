@@ -31,6 +31,8 @@ How it works (for whoever writes a guide):
 
   A python block runs as a script (``python -``) in the same directory, as written: keep its sizes small.
 * **Failures** name the file and the line of the block, show the block as it ran and the end of its output.
+* **One guide at a time** while writing it: ``SPARKME_DOCS_ONLY=docs/x.md pytest tests/test_docs_commands.py`` (a
+  comma list of paths from the checkout's root) runs that file's blocks alone and skips the others.
 
 Budget: the whole test should stay within 2-3 minutes on 2 cores; prefer one command per idea in the guides.
 """
@@ -117,6 +119,7 @@ def _skip_reason(lines: list[str], fence: int, path: Path) -> str | None:
 
 
 BLOCKS = [block for path in DOC_FILES for block in collect(path)]
+ONLY = {p.strip() for p in os.environ.get("SPARKME_DOCS_ONLY", "").split(",") if p.strip()}
 
 
 # --- rewriting bash commands to tiny sizes ---------------------------------------------------------------------
@@ -296,7 +299,8 @@ def results(tmp_path_factory, request) -> dict[str, Result]:
     by_file: dict[Path, list[Block]] = {}
     for block in BLOCKS:
         by_file.setdefault(block.path, []).append(block)
-    runnable = [blocks for blocks in by_file.values() if any(not b.skip_reason for b in blocks)]
+    runnable = [blocks for path, blocks in by_file.items() if any(not b.skip_reason for b in blocks)
+                and (not ONLY or str(path.relative_to(REPO)) in ONLY)]
     runnable.sort(key=lambda blocks: -sum(not b.skip_reason for b in blocks))  # longest first
     merged: dict[str, Result] = {}
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -323,6 +327,8 @@ def _children_cpu_s() -> float:
 def test_documented_block_runs(block: Block, results: dict[str, Result]):
     if block.skip_reason:
         pytest.skip(f"{block.where}: {block.skip_reason}")
+    if ONLY and str(block.path.relative_to(REPO)) not in ONLY:
+        pytest.skip(f"{block.where}: not in SPARKME_DOCS_ONLY")
     if block.where not in results:
         pytest.fail(f"{block.where}: not run, because an earlier block of {block.path.name} failed")
     result = results[block.where]

@@ -45,4 +45,5 @@ fi
 log "MinkowskiEngine: cached wheel, or a build for this torch (about 4 minutes on 2 cores, once); log: $LOG"
 quietly .venv/bin/sparkme-install-minkowski --jobs "${MAX_JOBS:-$(nproc)}"
 log "$(tail -n 1 "$LOG" | sed 's/^\[install_minkowski [0-9:]*\] //')"
-$PY -c "import MinkowskiEngine, sparkme; print('environment ready: sparkme', sparkme.__version__, '| backends:', sparkme.available_backends())"
+# (-W: a CPU build says at import that it is one; the line below says which backends run)
+$PY -W "ignore:The MinkowskiEngine was compiled with CPU_ONLY" -c "import MinkowskiEngine, sparkme; print('environment ready: sparkme', sparkme.__version__, '| backends:', sparkme.available_backends())"
