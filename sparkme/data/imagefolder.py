@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+def read_rgb(path: str | Path) -> Image.Image:
+    """Decode one image file as RGB (grayscale, RGBA, palette and 16-bit included).
+
+    Raises:
+        UnidentifiedImageError, OSError, ValueError: the file is not an image PIL decodes, or is truncated.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            image = image.point(lambda v: v / 256).convert("L")  # 16-bit: keep the top 8 bits
+        return image.convert("RGB")
+
+
 class ImageFolderDataset(Dataset):
     """Every image file under ``root`` (recursively), converted to RGB (grayscale, RGBA and 16-bit included).
 
@@ -24,13 +37,15 @@ class ImageFolderDataset(Dataset):
         root: folder of images, flat or one sub-folder per class (labels are ignored: pretraining is unsupervised).
         transform: PIL image -> tensor.
         max_bad_fraction: abort when more than this fraction of files cannot be decoded.
+        files: the image files to read, when already listed (``sparkme.data.labelled``); None lists ``root``.
     """
 
-    def __init__(self, root: str, transform, max_bad_fraction: float = 0.1):
+    def __init__(self, root: str, transform, max_bad_fraction: float = 0.1, files: list[Path] | None = None):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root {str(self.root)!r} does not exist or is not a directory")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.files = list(files) if files is not None else sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
             raise FileNotFoundError(
                 f"data.root {str(self.root)!r} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -44,11 +59,7 @@ class ImageFolderDataset(Dataset):
     def _open(self, index: int) -> Image.Image | None:
         path = self.files[index]
         try:
-            with Image.open(path) as image:
-                image.load()
-                if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    image = image.point(lambda v: v / 256).convert("L")  # 16-bit: keep the top 8 bits
-                return image.convert("RGB")
+            return read_rgb(path)
         except (UnidentifiedImageError, OSError, ValueError) as error:
             if index not in self.bad:
                 self.bad.add(index)
@@ -59,10 +70,15 @@ class ImageFolderDataset(Dataset):
                     f"than data.max_bad_fraction={self.max_bad_fraction}") from error
             return None
 
-    def __getitem__(self, index: int):
-        # A bad file is replaced by the next readable one so batches keep their size.
+    def _readable(self, index: int) -> tuple[int, Image.Image]:
+        """The image at ``index``, or when it cannot be read the next readable one (so batches keep their size),
+        with the index it was read from."""
         for offset in range(len(self.files)):
-            image = self._open((index + offset) % len(self.files))
+            position = (index + offset) % len(self.files)
+            image = self._open(position)
             if image is not None:
-                return self.transform(image)
+                return position, image
         raise RuntimeError(f"no readable image under {str(self.root)!r}")
+
+    def __getitem__(self, index: int):
+        return self.transform(self._readable(index)[1])
