@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SPARKME_PREFIXES = ("encoder.", "densify.", "decoder.")
 # Wrappers around a state dict: SparK's meta information ("module"), sparkme / facebookresearch ("model"), others.
 WRAPPER_KEYS = ("module", "model", "state_dict")
+FIT_HINT = "another backbone, or model.decoder_width differs from the file's: SparK's files use 768"
 LAYOUTS = {
     "sparkme": "sparkme checkpoint (encoder.*, densify.*, decoder.*)",
     "spark": "SparK with decoder (*_withdecoder_1kpretrained_spark_style.pth: sparse_encoder.sp_cnn.*, ...)",
@@ -101,8 +102,9 @@ def map_to_model(state: dict[str, torch.Tensor], layout: str,
 
 
 def check_fit(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], required: set[str],
-              source: str = "the weights") -> None:
-    """``UsageError`` naming unexpected keys, missing ``required`` keys and shape mismatches (at most 4 each)."""
+              source: str = "the weights", hint: str = FIT_HINT) -> None:
+    """``UsageError`` naming unexpected keys, missing ``required`` keys and shape mismatches (at most 4 each);
+    ``hint`` says what may be wrong."""
     problems = []
     unexpected = [k for k in mapped if k not in expected]
     missing = sorted(required - set(mapped))
@@ -112,8 +114,7 @@ def check_fit(mapped: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
         if items:
             problems.append(f"{len(items)} {name}: {items[:4]}")
     if problems:
-        raise UsageError(f"{source} do not fit this model (another backbone, or model.decoder_width differs from "
-                         "the file's: SparK's files use 768)? " + "; ".join(problems))
+        raise UsageError(f"{source} do not fit this model ({hint})? " + "; ".join(problems))
 
 
 def load_weights(model: nn.Module, source: str | Path | dict) -> WeightsReport:
