@@ -27,7 +27,10 @@ How it works (for whoever writes a guide):
     trainer.eval_batch_size=4 trainer.max_steps=2 data.num_workers=0``; ``data.root=...`` points at
     ``my_labelled/`` (``train/`` and ``val/``, classes ``cat`` and ``dog``, 4 images each, in the working
     directory).
-  - ``sparkme-probe`` and any other command run as written: give their blocks tiny sizes or skip them with a reason.
+  - ``sparkme-probe``: ``image_size``, ``batch_size``, ``num_workers``, ``knn.k`` and ``linear.{epochs,warmup_epochs,
+    batch_size}`` overrides are replaced by ``image_size=64 batch_size=4 num_workers=0 knn.k=3 linear.epochs=2
+    linear.warmup_epochs=1 linear.batch_size=4``; ``data.root=...`` points at ``my_labelled/``.
+  - Any other command runs as written: give its block tiny sizes or skip it with a reason.
 
   A python block runs as a script (``python -``) in the same directory, as written: keep its sizes small.
 * **Failures** name the file and the line of the block, show the block as it ran and the end of its output.
@@ -67,6 +70,10 @@ BENCH_VALUES = {"--models": "resnet18", "--batch-sizes": "1", "--image-size": "6
 HYDRA_COMMANDS = {"sparkme-pretrain"}
 FINETUNE_DROPPED = ("image_size", "trainer.batch_size", "trainer.eval_batch_size", "recipe.epochs",
                     "trainer.max_steps", "data.num_workers", "trainer.progress")
+PROBE_DROPPED = ("image_size", "batch_size", "num_workers", "knn.k", "linear.epochs", "linear.warmup_epochs",
+                 "linear.batch_size")
+PROBE_TINY = ["image_size=64", "batch_size=4", "num_workers=0", "knn.k=3", "linear.epochs=2", "linear.warmup_epochs=1",
+              "linear.batch_size=4"]
 FINETUNE_TINY = ["image_size=64", "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.max_steps=2",
                  "data.num_workers=0", "trainer.progress=false"]
 
@@ -147,6 +154,11 @@ def _finetune_tiny(args: list[str], labelled: Path) -> list[str]:
     return [*out, *FINETUNE_TINY]
 
 
+def _probe_tiny(args: list[str], labelled: Path) -> list[str]:
+    out = [f"data.root={labelled}" if _key(w) == "data.root" else w for w in args if _key(w) not in PROBE_DROPPED]
+    return [*out, *PROBE_TINY]
+
+
 def _bench_tiny(args: list[str]) -> list[str]:
     out, i, seen = [], 0, set()
     while i < len(args):
@@ -198,6 +210,8 @@ def rewrite_words(words: list[str], images: Path, labelled: Path) -> list[str]:
         words = [words[0], *_torchrun_tiny(words[1:at]), *words[at:at + 2], *_hydra_tiny(words[at + 2:], images)]
     elif name == "sparkme-finetune":
         words = [words[0], *_finetune_tiny(words[1:], labelled)]
+    elif name == "sparkme-probe":
+        words = [words[0], *_probe_tiny(words[1:], labelled)]
     elif name == "sparkme-bench":
         words = [words[0], *_bench_tiny(words[1:])]
     elif name in ("python", "python3") and len(words) > 1 and words[1].endswith("tools/bench.py"):
