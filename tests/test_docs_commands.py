@@ -358,6 +358,13 @@ def test_blocks_are_collected_and_markers_well_formed():
     assert all(b.skip_reason for b in BLOCKS if b.text.lstrip().startswith("bash tools/test.sh"))
 
 
+def test_blocks_skipped_as_copies_of_the_readme_are_copies():
+    """A block skipped because README.md runs the same one must stay the same as it."""
+    readme = {b.text for b in BLOCKS if b.path.name == "README.md" and b.path.parent == REPO}
+    copies = [b for b in BLOCKS if b.skip_reason and "as README.md's" in b.skip_reason]
+    assert all(b.text in readme for b in copies), [b.where for b in copies if b.text not in readme]
+
+
 def test_rewrite_makes_commands_tiny(tmp_path):
     ran = rewrite_bash("sparkme-pretrain data=imagefolder data.root=~/my_images image_size=224 "
                        "trainer.batch_size=64 \\\n    trainer.max_steps=1000  # comment\n"
