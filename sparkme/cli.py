@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -47,32 +48,44 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
                                  f"(files in conf/{group.name}/)")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def run_task(command: str, cfg: DictConfig, task: Callable[..., dict]) -> None:
+    """The body of a sparkme hydra command: ``run_dir`` defaults to hydra's output folder, hydra's records wait for
+    the run lock (``task(cfg, on_hold=...)`` calls back once it holds the folder), a user error or a lost rank ends
+    in one line (hydra would wrap it in its own traceback), and rank 0 prints the summary as JSON."""
     if cfg.run_dir is None:
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
-    write_after_lock = hold_hydra_output(cfg)  # hydra's records and log go to run_dir once the job holds it
-    # hydra reports a job's exception with its own traceback; a user error leaves here as one line instead.
-    run_reporting_usage_errors(COMMAND, lambda: _pretrain_and_report(cfg, write_after_lock))
+    write_after_lock = hold_hydra_output(cfg)
+
+    def run_and_report() -> None:
+        try:
+            summary = task(cfg, on_hold=write_after_lock)
+        except RankLostError as error:  # one line, not the transport's error inside hydra's traceback
+            exit_with_rank_lost(command, error)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary, indent=2))
+
+    run_reporting_usage_errors(command, run_and_report)
 
 
-def _pretrain_and_report(cfg: DictConfig, write_after_lock) -> None:
+def launch(command: str, hydra_main: Callable[[], None], config_dir: Path = CONFIG_DIR) -> None:
+    """Check ``group=option`` arguments against ``config_dir`` (one line, exit 2), keep hydra from writing before
+    the run lock is held, and start ``hydra_main``."""
     try:
-        summary = pretrain(cfg, on_hold=write_after_lock)
-    except RankLostError as error:  # one line, not the transport's error inside hydra's traceback
-        exit_with_rank_lost(COMMAND, error)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
+        check_group_choices(sys.argv[1:], config_dir)
+    except UsageError as error:
+        exit_with_usage_error(command, error)
+    sys.argv[1:] = defer_hydra_output(sys.argv[1:])
+    hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_task(COMMAND, cfg, pretrain)
 
 
 def main() -> None:
-    try:
-        check_group_choices(sys.argv[1:])
-    except UsageError as error:
-        exit_with_usage_error(COMMAND, error)
-    sys.argv[1:] = defer_hydra_output(sys.argv[1:])
-    _hydra_main()
+    launch(COMMAND, _hydra_main)
 
 
 if __name__ == "__main__":

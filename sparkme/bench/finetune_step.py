@@ -23,7 +23,7 @@ from sparkme.bench.timing import timed
 from sparkme.engine.core import StepPlan, Tally
 from sparkme.engine.distributed import DistInfo
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf" / "finetune"
 
 
 def _plain_timm_step(model_name: str, recipe, num_classes: int, lr: float, amp: str | None, device: torch.device):
@@ -61,7 +61,7 @@ def compare_finetune_step(model_name: str, batch_size: int = 32, image_size: int
 
     torch_device = torch.device(device)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="finetune", overrides=[
+        cfg = compose(config_name="config", overrides=[
             f"model={model_name}", f"image_size={image_size}", f"trainer.batch_size={batch_size}",
             "data.root=unused", f"trainer.amp={amp or 'null'}", "run_dir=unused"])
     recipe = resolve_recipe(cfg)

@@ -8,24 +8,29 @@ ResNet keys are torchvision's).
 from __future__ import annotations
 
 import timm
-import torch
 import torchvision
 from torch import nn
 
-from sparkme.models.backbones import create_backbone
+from sparkme.errors import UsageError
+from sparkme.models.backbones import TORCHVISION_RESNETS, check_model_name
 
 
 def create_classifier(name: str, num_classes: int, drop_path_rate: float = 0.0, source: str = "timm") -> nn.Module:
     """A randomly initialised classifier ``(B, 3, H, W) -> (B, num_classes)`` logits (nothing is downloaded).
 
     Raises:
-        UsageError / ValueError: a model or source sparkme does not support (``create_backbone``'s checks, run on
-            the ``meta`` device: no memory, no time).
+        UsageError: a model or source sparkme does not support.
     """
-    with torch.device("meta"):
-        create_backbone(name, source, drop_path_rate=0.0)
     if source == "torchvision":
+        if name not in TORCHVISION_RESNETS:
+            raise UsageError(f"source=torchvision supports {', '.join(TORCHVISION_RESNETS)}, got {name!r}; use "
+                             "source=timm")
+        if drop_path_rate:
+            raise UsageError("torchvision ResNets have no drop path: use source=timm or recipe.drop_path=0")
         return getattr(torchvision.models, name)(num_classes=num_classes)
+    if source != "timm":
+        raise UsageError(f"unknown model source {source!r}; choose timm or torchvision")
+    check_model_name(name)
     # Some families (DenseNet) take no drop_path_rate argument at all: pass it only when stochastic depth is on.
     return timm.create_model(name, pretrained=False, num_classes=num_classes,
                              **({"drop_path_rate": drop_path_rate} if drop_path_rate else {}))
