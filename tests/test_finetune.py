@@ -36,7 +36,8 @@ def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     period, phase = rng.integers(6, 12), rng.integers(0, 12)
     shape = {"horizontal": (y + phase) // period % 2 == 0, "vertical": (x + phase) // period % 2 == 0,
              "checker": ((x + phase) // period + (y + phase) // period) % 2 == 0,
-             "disc": (x - size / 2 - phase / 4) ** 2 + (y - size / 2) ** 2 < (size / 3) ** 2}[kind]
+             "disc": (x - size / 2 - phase / 4) ** 2 + (y - size / 2) ** 2 < (size / 3) ** 2}.get(kind)
+    shape = (x + y) % 2 == 0 if shape is None else shape  # any other class name: a fine grid
     hue = PATTERNS.index(kind) if kind in PATTERNS else 0
     colours = np.array([[(200 if channel == hue % 3 else 40) for channel in range(3)], [20 + 40 * (hue // 3)] * 3])
     image = np.where(shape[..., None], colours[0], colours[1]) + rng.normal(0, 12, size=(size, size, 3))
@@ -164,7 +165,7 @@ BAD = {
     "one_class": (["data.root={one_class}"], "class"),
     "unknown_model": (["model=resnet5", "data.root={patterns}"], "resnet5"),
     "bad_recipe": (["recipe.optimizer=sgd", "data.root={patterns}"], "recipe.optimizer must be lamb or adamw"),
-    "wrong_model_init": (["data.root={patterns}", "init={convnext}"], "convnext"),
+    "wrong_model_init": (["data.root={patterns}", "init={convnext}"], "unknown checkpoint layout (first keys ['stem.0"),
     "bad_batch": (["data.root={patterns}", "trainer.batch_size=0"], "trainer.batch_size must be an integer >= 1"),
 }
 
