@@ -28,6 +28,7 @@ from sparkme.engine.pretrain import _build, pretrain
 from sparkme.export import export_state_dict
 from sparkme.masking import random_mask
 from sparkme.models import build_spark
+from sparkme.models.families import drop_path_rate, pretrain_betas
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = ["model", "backend", "data", "optim", "sched", "logger", "trainer", "experiment", "debug"]
@@ -62,18 +63,20 @@ def _check_run_is_what_the_config_says(run, cfg) -> None:
     """The objects ``_build`` made from ``cfg`` have the configured types and values (not just a name)."""
     encoder = run.spark.encoder
     assert encoder.backend == cfg.backend.name
-    levels, parameters = _timm_encoder_facts(cfg.model.model_name, cfg.model.drop_path_rate)
+    rate = drop_path_rate(cfg.model.model_name, cfg.model.drop_path_rate)  # null in the YAML: the family's
+    levels, parameters = _timm_encoder_facts(cfg.model.model_name, rate)
     assert [(f["num_chs"], f["reduction"]) for f in encoder.feature_info] == levels
     assert sum(p.numel() for p in encoder.parameters()) == parameters
     drop_path = max((float(getattr(m, "drop_prob", 0.0) or 0.0) for m in encoder.modules()), default=0.0)
-    assert drop_path == pytest.approx(cfg.model.drop_path_rate)
+    assert drop_path == pytest.approx(rate)
     assert run.spark.mask_ratio == cfg.mask_ratio
     assert type(run.dataset.dataset) is get_class(cfg.data.dataset._target_)
     expected_length = cfg.data.dataset.get("crops_per_epoch") or cfg.data.dataset.get("length")
     if expected_length:
         assert len(run.dataset.dataset) == expected_length
     assert type(run.trainer.optimizer) is get_class(cfg.optim.optimizer._target_)
-    assert tuple(run.trainer.optimizer.defaults["betas"]) == tuple(cfg.optim.optimizer.betas)
+    assert tuple(run.trainer.optimizer.defaults["betas"]) == pretrain_betas(cfg.model.model_name,
+                                                                            cfg.optim.optimizer.betas)
     batch = cfg.trainer.batch_size * cfg.trainer.accum_steps
     assert run.tally.images_per_step == batch and run.trainer.accum == cfg.trainer.accum_steps
     peak = cfg.optim.base_lr * batch / 256

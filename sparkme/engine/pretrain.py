@@ -42,6 +42,7 @@ from sparkme.engine.run_lock import RunLock
 from sparkme.engine.schedule import SparkSchedule
 from sparkme.export import export_state_dict
 from sparkme.files import save_atomic
+from sparkme.models.families import optimizer_overrides
 from sparkme.models.weights import load_init_weights
 from sparkme.visualize import save_reconstruction_grid
 
@@ -127,7 +128,9 @@ def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) ->
     plan = plan_steps(cfg.trainer, len(dataset), world, cfg.trainer.epochs)
     lr = cfg.optim.base_lr * plan.global_batch / 256
     # A partial (parameters and scaled lr are given here); plain containers keep checkpoints pickle-free.
-    make_optimizer = instantiate(cfg.optim.optimizer, _convert_="all")
+    # ``betas: null`` in the config means the model family's (ResNet 0.95, ConvNeXt 0.999: sparkme.models.families)
+    make_optimizer = instantiate(cfg.optim.optimizer, _convert_="all",
+                                 **optimizer_overrides(cfg.model.model_name, cfg.optim.optimizer))
     optimizer = make_optimizer(param_groups_weight_decay(spark, cfg.sched.wd_start,
                                                          no_weight_decay_list=("mask_token",)), lr=lr)
     schedule = SparkSchedule(optimizer, plan.total_steps, int(cfg.sched.warmup_epochs * plan.steps_per_epoch),
