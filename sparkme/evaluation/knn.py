@@ -32,7 +32,7 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, queries
         ``(Q, num_classes)`` float32: the summed weights of each class among the query's ``k`` neighbours.
     """
     train = F.normalize(train_features.float(), dim=1)
-    one_hot = F.one_hot(train_labels.long(), num_classes).to(train.dtype)  # (N, C)
+    train_labels = train_labels.long().to(train.device)
     k = min(k, train.shape[0])
     scores = []
     for start in range(0, queries.shape[0], chunk):
@@ -40,11 +40,14 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, queries
         kth = sim.topk(k, dim=1).values[:, -1:]  # (q, 1): the k-th largest similarity
         above = sim > kth
         tied = sim == kth
-        # Of the samples tied at the k-th similarity, the lowest indices fill the places left after those above.
+        # Of the samples tied at the k-th similarity, the lowest indices fill the places left after those above:
+        # exactly k per row, so the row-major nonzero() lists each query's k neighbours in index order.
         places = k - above.sum(1, keepdim=True)
         chosen = above | (tied & (tied.cumsum(1) <= places))
-        weights = torch.where(chosen, (sim / temperature).exp(), torch.zeros((), dtype=sim.dtype, device=sim.device))
-        scores.append(weights @ one_hot)  # (q, C)
+        neighbours = chosen.nonzero()[:, 1].view(-1, k)  # (q, k)
+        weights = (sim.gather(1, neighbours) / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=sim.dtype, device=sim.device)
+        scores.append(votes.scatter_add_(1, train_labels[neighbours], weights))  # (q, C)
     return torch.cat(scores) if scores else queries.new_zeros(0, num_classes)
 
 
