@@ -20,7 +20,7 @@ FAST = ["debug=fast", "backend=torch", "data.num_workers=0"]
 
 def _sparkme_checkpoint(path: Path, model_name: str) -> Path:
     model = build_spark(model_name, backend="masked", decoder_width=32)
-    torch.save({"model": model.state_dict(), "config": {}}, path)
+    torch.save({"model": model.state_dict(), "config": {}, "model_name": model_name}, path)
     return path
 
 
