@@ -32,15 +32,18 @@ def _as_usage_error(check, *args):
         raise UsageError(str(error)) from error
 
 
-def check_trainer(cfg: DictConfig) -> None:
+def check_trainer(cfg: DictConfig, counts: tuple[str, ...] = ("batch_size", "accum_steps"),
+                  epochs_required: bool = True) -> None:
+    """The ``trainer`` settings every loop has: the integer ``counts`` (each >= 1), ``max_steps``, ``epochs`` (when
+    ``epochs_required`` and no ``max_steps``), the process-group timeout, AMP and the device."""
     trainer = cfg.trainer
-    for key in ("batch_size", "accum_steps"):
+    for key in counts:
         value = trainer[key]
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"trainer.{key} must be an integer >= 1, got {value!r}")
     if trainer.max_steps is not None and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
         raise UsageError(f"trainer.max_steps must be null or an integer >= 1, got {trainer.max_steps!r}")
-    if trainer.max_steps is None and (not isinstance(trainer.epochs, int) or trainer.epochs < 1):
+    if epochs_required and trainer.max_steps is None and (not isinstance(trainer.epochs, int) or trainer.epochs < 1):
         raise UsageError(f"trainer.epochs must be an integer >= 1, got {trainer.epochs!r}")
     timeout = trainer.get("dist_timeout_s")
     if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1:

@@ -16,8 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparkme.data.labelled import check_labelled_root
 from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint
-from sparkme.engine.config_checks import AMP_CHOICES, check_logger
-from sparkme.engine.distributed import DEVICE_CHOICES
+from sparkme.engine.config_checks import check_logger, check_trainer
 from sparkme.errors import UsageError
 from sparkme.finetune.recipes import FinetuneRecipe, recipe_for
 
@@ -33,22 +32,6 @@ def resolve_recipe(cfg: DictConfig) -> FinetuneRecipe:
     if isinstance(overrides.get("betas"), list):
         overrides["betas"] = tuple(overrides["betas"])
     return dataclasses.replace(preset, **overrides)
-
-
-def check_trainer(cfg: DictConfig) -> None:
-    trainer = cfg.trainer
-    for key in ("batch_size", "accum_steps", "eval_every", "eval_batch_size"):
-        value = trainer[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"trainer.{key} must be an integer >= 1, got {value!r}")
-    if trainer.max_steps is not None and (not isinstance(trainer.max_steps, int) or trainer.max_steps < 1):
-        raise UsageError(f"trainer.max_steps must be null or an integer >= 1, got {trainer.max_steps!r}")
-    if trainer.amp not in AMP_CHOICES:
-        raise UsageError(f"trainer.amp must be null, bf16 or fp16, got {trainer.amp!r}")
-    if str(trainer.device) not in DEVICE_CHOICES:
-        raise UsageError(f"trainer.device must be {', '.join(DEVICE_CHOICES)}, got {trainer.device!r}")
-    if str(trainer.device) == "cuda" and not torch.cuda.is_available():
-        raise UsageError("trainer.device=cuda but torch sees no GPU; use trainer.device=cpu or auto")
 
 
 def check_recipe(recipe: FinetuneRecipe) -> None:
@@ -120,7 +103,8 @@ def check_finetune_config(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg.data, "root"):
         raise UsageError("data.root is required: a folder with train/<class>/... and val/<class>/..., or one "
                          "folder of <class>/... with data.val_fraction=0.1")
-    check_trainer(cfg)
+    # the fine-tune's epochs are the recipe's (checked below)
+    check_trainer(cfg, ("batch_size", "accum_steps", "eval_every", "eval_batch_size"), epochs_required=False)
     check_logger(cfg)
     check_image_size(cfg.image_size)
     recipe = resolve_recipe(cfg)
