@@ -2,6 +2,7 @@
 
     python tools/docs_screenshots.py                 # builds the site into a temporary folder, writes the PNGs
     python tools/docs_screenshots.py --out shots --pages index pretraining backends
+    python tools/docs_screenshots.py --out docs/assets/screenshots --small   # the committed ones (128 colours)
 
 Builds the site with ``mkdocs build --strict`` (the ``dev`` extra), then opens each page from disk in Debian's
 ``chromium`` (``apt-get install chromium``), headless, with a fresh profile and nothing that reaches the network,
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="page names (docs/<name>.md), 'index' for the home page")
     parser.add_argument("--site", type=Path, help="an already built site (default: build one now)")
     parser.add_argument("--browser", default=shutil.which("chromium") or "chromium")
+    parser.add_argument("--small", action="store_true", help="128-colour PNGs (a third of the size) to commit")
     args = parser.parse_args(argv)
     if not shutil.which(args.browser) and not Path(args.browser).is_file():
         parser.error(f"{args.browser} not found; install it (apt-get install chromium)")
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"no page {page}")
             png = args.out / f"{name}.png"
             screenshot(args.browser, page.resolve(), png.resolve())
+            if args.small:
+                from PIL import Image
+
+                small = Image.open(png).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+                small.save(png, optimize=True)
             print(f"{png} ({png.stat().st_size // 1024} KiB)")
     return 0
 
