@@ -182,3 +182,24 @@ def test_bad_input_ends_in_one_line_with_exit_status_2(case, patterns, tmp_path)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert process.returncode == 2, stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("sparkme-finetune: error: ") and expected in lines[0], lines
+
+
+def test_the_knn_monitor_logs_while_pretraining_and_after_a_resume_the_same(patterns, tmp_path):
+    from sparkme.engine.pretrain import pretrain
+
+    def knn_lines(run_dir: Path, stop_at: int | None, resume: bool) -> list[dict]:
+        with initialize_config_dir(config_dir=str(FINETUNE_CONFIG_DIR.parent), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                "debug=fast", "backend=torch", f"eval.root={patterns}", "eval.every=2", "eval.per_class=4",
+                "eval.val_per_class=2", "trainer.max_steps=4", "trainer.ckpt_every=2", "data.num_workers=0",
+                f"trainer.stop_at_step={stop_at or 'null'}", f"resume={'auto' if resume else 'null'}"])
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+        pretrain(cfg)
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "knn_top1" in r]
+
+    whole = knn_lines(tmp_path / "whole", None, False)
+    assert [r["step"] for r in whole] == [2, 4] and all(0 <= r["knn_top1"] <= 100 for r in whole)
+    knn_lines(tmp_path / "split", 2, False)
+    assert knn_lines(tmp_path / "split", None, True) == whole

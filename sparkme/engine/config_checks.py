@@ -113,6 +113,22 @@ def check_data(cfg: DictConfig) -> None:
                          "the folder must hold images PIL can decode") from error
 
 
+def check_eval(cfg: DictConfig) -> None:
+    """The kNN monitor's settings: ``eval.every`` a step count, and with it a labelled folder in ``eval.root``."""
+    node = cfg.get("eval")
+    if node is None:
+        return
+    every = node.every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise UsageError(f"eval.every must be an integer >= 0 (steps between kNN evaluations; 0: off), got {every!r}")
+    if every and not node.root:
+        raise UsageError("eval.every is set but eval.root is not: give eval.root=/path/to/labelled/images")
+    if node.root:
+        from sparkme.data.labelled import check_labelled_root
+
+        check_labelled_root(str(node.root), node.val_fraction)
+
+
 def check_model(cfg: DictConfig) -> torch.nn.Module:
     """Build the configured model on the ``meta`` device: an unknown name or bad setting fails here, in no time."""
     from hydra.utils import instantiate
@@ -186,6 +202,7 @@ def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     check_logger(cfg)
     check_optimizer(cfg)
     check_data(cfg)
+    check_eval(cfg)
     if build_model:
         model = check_model(cfg)
         check_resume(cfg, model)

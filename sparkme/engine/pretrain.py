@@ -40,6 +40,7 @@ from sparkme.engine.core import (
 from sparkme.engine.distributed import DistInfo, to_sync_batchnorm
 from sparkme.engine.run_lock import RunLock
 from sparkme.engine.schedule import SparkSchedule
+from sparkme.evaluation.monitor import KnnMonitor
 from sparkme.export import export_state_dict
 from sparkme.files import save_atomic
 from sparkme.models.families import optimizer_overrides
@@ -61,6 +62,7 @@ class Run(LoopRun):
     schedule: SparkSchedule
     fixed_images: torch.Tensor | None = None
     fixed_masks: torch.Tensor | None = None
+    knn_monitor: KnnMonitor | None = None  # rank 0, with eval.root and eval.every
 
 
 def _mask_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
@@ -158,6 +160,9 @@ def _start(run: Run) -> None:
     open_logger(run, "pretrain")
     run.fixed_images, run.fixed_masks = _fixed_batch(cfg, run.spark, dist_info.device, int(cfg.trainer.eval_images))
     run.summary = {"run_dir": str(run.run_dir), "total_steps": run.total_steps, "start_step": run.start_step}
+    if dist_info.is_main and cfg.eval.root and cfg.eval.every:
+        run.knn_monitor = KnnMonitor.from_folder(str(cfg.eval.root), cfg.image_size, cfg.seed, cfg.eval.per_class,
+                                                 cfg.eval.val_per_class, cfg.eval.val_fraction)
     if dist_info.is_main and run.start_step == 0:
         run.summary["holdout_loss_initial"] = evaluate_loss(run.spark, run.fixed_images, run.fixed_masks,
                                                             int(cfg.trainer.batch_size))
@@ -229,6 +234,18 @@ def _save_reconstruction(run: Run, metrics: dict | None) -> None:
     run.logger.log_image("reconstruction", path, step=run.step, caption="original | masked | reconstruction")
 
 
+def _knn_when_due(run: Run, metrics: dict | None) -> None:
+    """Every ``eval.every`` steps and at the last (with ``eval.root``): kNN top-1 / top-5 of the encoder on the
+    monitor's fixed subset, to the log and the progress bar."""
+    every = run.cfg.eval.every
+    if run.knn_monitor is None or not (run.step % every == 0 or run.step == run.total_steps):
+        return
+    accuracy = run.knn_monitor.evaluate(run.spark.encoder)
+    run.logger.log(accuracy, step=run.step)
+    run.summary["knn_top1"] = accuracy["knn_top1"]
+    run.progress.set_postfix_str(f"{run.progress.postfix}, knn={accuracy['knn_top1']:.1f}")
+
+
 def _checkpoint_when_due(run: Run, metrics: dict | None) -> None:
     """Every ``trainer.ckpt_every`` steps (the last step's checkpoint is written by ``_finish``)."""
     every = run.cfg.trainer.ckpt_every
@@ -238,7 +255,7 @@ def _checkpoint_when_due(run: Run, metrics: dict | None) -> None:
 
 # Checkpoint last: the log line and picture of step k are on disk before checkpoint k, so a resume from k keeps
 # exactly the lines up to k and removes the rest, which it writes again.
-PERIODIC_ACTIONS = (_tally, _log_metrics, _save_reconstruction, _checkpoint_when_due)
+PERIODIC_ACTIONS = (_tally, _log_metrics, _save_reconstruction, _knn_when_due, _checkpoint_when_due)
 
 
 def _checkpoint(run: Run) -> Path | None:

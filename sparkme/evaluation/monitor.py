@@ -72,7 +72,9 @@ class KnnMonitor:
         """``(N, C)`` pooled stride-32 features of the encoder with every patch visible, and ``(N,)`` labels."""
         device = next(encoder.parameters()).device
         features, labels = [], []
-        for images, targets in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
+        # An explicit generator: creating the loader's iterator must not draw from the training run's global RNG.
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=torch.Generator())
+        for images, targets in loader:
             maps = encoder(images.to(device))  # 4 maps (B, C_i, H/s, W/s); mask=None: every patch visible
             features.append(maps[-1].float().mean(dim=(2, 3)).cpu())
             labels.append(torch.as_tensor(targets, dtype=torch.long))
