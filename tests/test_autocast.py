@@ -13,7 +13,8 @@ from sparkme import build_spark, random_mask
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("model_name", ["resnet18", "convnextv2_atto"])
+# resnet26: bottlenecks, whose 1x1 convs (pointwise, autocast to bf16) feed 3x3 sparse convs with float32 weights
+@pytest.mark.parametrize("model_name", ["resnet18", "resnet26", "convnextv2_atto"])
 def test_a_bf16_autocast_step_gives_float32_gradients_close_to_the_float32_step(model_name, backend):
     torch.manual_seed(0)
     model = build_spark(model_name, backend=backend, decoder_width=32)

@@ -130,10 +130,16 @@ class MinkowskiMap(SparseMap):
         # groups == 1: MinkowskiEngine's own kernel
         generator = self._kernel_generator(spec.kernel, spec.stride)
         out_key = ME.CoordinateMapKey(self.tensor.coordinate_map_key.get_coordinate_size())
+        features = self.tensor.F
+        # MinkowskiEngine's kernels take one dtype, float32 or float64: under bf16/fp16 autocast the features of a
+        # preceding pointwise layer are half precision while the weight is float32, so both run in float32 and the
+        # result comes back in the features' dtype, as an autocast conv would give it.
+        dtype = torch.promote_types(features.dtype, weight.dtype)
+        dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         out = ME.MinkowskiConvolutionFunction.apply(
-            self.tensor.F, dense_to_minkowski_kernel(weight), generator, ConvolutionMode.DEFAULT,
+            features.to(dtype), dense_to_minkowski_kernel(weight).to(dtype), generator, ConvolutionMode.DEFAULT,
             self.tensor.coordinate_map_key, out_key, self.tensor.coordinate_manager,
-        )
+        ).to(features.dtype if features.dtype in (torch.bfloat16, torch.float16) else dtype)
         if bias is not None:
             out = out + bias
         return self._wrap(out, out_key, spec.stride)
