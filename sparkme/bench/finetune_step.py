@@ -1,7 +1,7 @@
 """The fine-tuning step of ``sparkme-finetune`` against a plain timm training step of the same model, side by side.
 
-The plain step is what timm's own ``train.py`` does per iteration: channels-last model, timm's optimizer (the same
-kind as the recipe's, one parameter group per weight-decay setting), timm's ``Mixup``, the recipe's loss, the
+The plain step is what timm's own ``train.py`` does per iteration: channels-last model, timm's optimizer (the
+recipe's, with its settings, one parameter group per weight-decay setting), timm's ``Mixup``, the recipe's loss, the
 ``ModelEmaV3`` update, autocast when AMP is chosen. sparkme's step is the loop's own ``_train_step``: SparK's
 layer-wise lr decay groups, the per-iteration schedule, the seeded mixer, the agreed non-finite check, the EMA.
 Both train on the same random images and labels, alternating, so the machine's noise falls on both alike.
@@ -29,10 +29,13 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf" / "finetune"
 def _plain_timm_step(model_name: str, recipe, num_classes: int, lr: float, amp: str | None, device: torch.device):
     """One iteration of a plain timm training loop, as a closure over its own model, optimizer, mixup and EMA."""
     from sparkme.finetune.mixing import build_loss
+    from sparkme.finetune.optimizer import optimizer_settings
 
     model = timm.create_model(model_name, num_classes=num_classes, drop_path_rate=recipe.drop_path or None)
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, opt=recipe.optimizer, lr=lr, weight_decay=recipe.weight_decay)
+    # the same optimizer and settings, without SparK's layer-wise groups
+    optimizer = create_optimizer_v2(model, opt=recipe.optimizer, lr=lr, weight_decay=recipe.weight_decay,
+                                    **optimizer_settings(recipe))
     mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
                   num_classes=num_classes)
     criterion, ema = build_loss(recipe), ModelEmaV3(model, decay=recipe.ema_decay)

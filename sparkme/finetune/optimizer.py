@@ -26,19 +26,23 @@ _EXTRA_ARGS = MappingProxyType({
 })
 
 
+def optimizer_settings(recipe: FinetuneRecipe) -> dict:
+    """The optimizer's keyword arguments besides lr and weight decay: betas, eps and SparK's per-optimizer ones."""
+    if recipe.optimizer not in _EXTRA_ARGS:
+        raise UsageError(f"unknown fine-tuning optimizer {recipe.optimizer!r}; choose lamb or adamw")
+    return {"betas": recipe.betas, "eps": recipe.eps, **_EXTRA_ARGS[recipe.optimizer]}
+
+
 def build_optimizer(model: nn.Module, model_name: str, recipe: FinetuneRecipe, lr: float) -> torch.optim.Optimizer:
     """The optimizer of a fine-tune at peak lr ``lr``, each group starting at ``lr * group["lr_scale"]``.
 
     Raises:
         UsageError: an optimizer other than ``lamb`` or ``adamw``.
     """
-    if recipe.optimizer not in _EXTRA_ARGS:
-        raise UsageError(f"unknown fine-tuning optimizer {recipe.optimizer!r}; choose lamb or adamw")
     group_fn = partial(param_groups, model_name=model_name, weight_decay=recipe.weight_decay,
                        layer_decay=recipe.layer_decay)
     optimizer = create_optimizer_v2(model, opt=recipe.optimizer, lr=lr, weight_decay=recipe.weight_decay,
-                                    param_group_fn=group_fn, betas=recipe.betas, eps=recipe.eps,
-                                    **_EXTRA_ARGS[recipe.optimizer])
+                                    param_group_fn=group_fn, **optimizer_settings(recipe))
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     return optimizer
