@@ -40,6 +40,7 @@ def _finite_positive(value) -> bool:
     return value is not None and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_step_rows_have_every_backend_then_the_reference_step(step_run):
     rows, _ = step_run
     assert [r["backend"] for r in rows] == [*BACKENDS, "reference"]
@@ -62,6 +63,7 @@ def test_step_rows_have_every_backend_then_the_reference_step(step_run):
     assert masked["step_vs_masked"] == 1.0 and masked["enc_vs_masked"] == 1.0
 
 
+@pytest.mark.slow
 def test_attainable_ratio_is_the_step_with_an_ideal_encoder(step_run):
     rows, _ = step_run
     by_name = {r["backend"]: r for r in rows}
@@ -73,6 +75,7 @@ def test_attainable_ratio_is_the_step_with_an_ideal_encoder(step_run):
         assert row["step_attainable_vs_reference"] == pytest.approx(attainable)
 
 
+@pytest.mark.slow
 def test_encoder_only_run_has_no_step_columns(encoder_run):
     assert [r["backend"] for r in encoder_run] == BACKENDS * 2
     for row in encoder_run:
@@ -80,12 +83,14 @@ def test_encoder_only_run_has_no_step_columns(encoder_run):
         assert all(row[k] is None for k in ("step_ms", "step_vs_reference", "opt_ms", "step_mem_bytes"))
 
 
+@pytest.mark.slow
 def test_true_sparse_backends_hold_less_activation_memory_at_a_higher_mask_ratio(encoder_run):
     memory = {(r["backend"], r["ratio"]): r["enc_mem_bytes"] for r in encoder_run}
     for backend in ("minkowski", "torch"):
         assert memory[(backend, 0.75)] < memory[(backend, 0.0)]
 
 
+@pytest.mark.slow
 def test_output_files(step_run):
     rows, out_dir = step_run
     with open(out_dir / "results.csv", newline="") as handle:
@@ -146,6 +151,7 @@ def _two_steps(model, variant, images, mask) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["resnet18", "convnext_atto"])
 def test_training_step_with_every_speed_up_equals_the_plain_step_in_float32(model_name):
     torch.manual_seed(0)
@@ -193,6 +199,7 @@ def _resident_bytes() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from Linux's /proc")
+@pytest.mark.slow
 def test_memory_after_the_kth_configuration_returns_to_the_first():
     """One process benchmarking model after model (the README's command) must not keep earlier models' memory."""
     settings = BenchSettings(["resnet18"], ["minkowski", "torch"], [0.6], include_train_step=False, out_dir=None,

@@ -1,4 +1,4 @@
-"""Every family of the coverage table (``sparkme.models.backbones.TESTED_MODELS``) on every backend: exact against
+"""Every family of the coverage table (``sparkme.models.families.TESTED_MODELS``) on every backend: exact against
 the masked-dense oracle in float64, equal to the dense model when nothing is masked, and exported by a strict load.
 
 Inputs are 64x64 (a 2x2 patch grid) so that nine ImageNet-sized models stay cheap on a CPU.
@@ -9,6 +9,7 @@ import copy
 import pytest
 import timm
 import torch
+from test_encoders import FAMILIES_HERE
 from torch import nn
 
 from conftest import ALL_BACKENDS, DEVICE, SPARSE_BACKENDS, relative_error
@@ -16,11 +17,10 @@ from sparkme import SparseEncoder, build_spark, random_mask
 from sparkme.engine.distributed import to_sync_batchnorm
 from sparkme.errors import UsageError
 from sparkme.masking import mask_at_stride
-from sparkme.models.backbones import TESTED_MODELS
+from sparkme.models.families import TESTED_MODELS
 
-# These have their own, larger-input tests in test_encoders.py.
-TESTED_IN_TEST_ENCODERS = ("resnet50", "convnext_atto", "convnextv2_atto")
-MODELS = [name for name in TESTED_MODELS.values() if name not in TESTED_IN_TEST_ENCODERS]
+# The families of test_encoders.py have their own, larger-input tests there.
+MODELS = [model for family, model in TESTED_MODELS.items() if family not in FAMILIES_HERE]
 SIZE = 64
 
 
@@ -69,6 +69,7 @@ def _step(encoder, images, mask):
     return features, grads, buffers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODELS)
 def test_sparse_backends_match_masked_oracle_in_float64(dense_models, model_name):
     """Masks 0.6 then 0.9 (BN statistics carried over), train mode: the 4 feature maps, every parameter gradient
@@ -110,6 +111,7 @@ def _dense_features(model: nn.Module, images: torch.Tensor, modules: list[str]) 
     return [outputs[name] for name in modules]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODELS)
 def test_all_visible_eval_equals_dense_model(dense_models, model_name):
     dense = dense_models(model_name).double().to(DEVICE).eval()
@@ -123,6 +125,7 @@ def test_all_visible_eval_equals_dense_model(dense_models, model_name):
                 assert relative_error(actual, expected) <= 1e-9, backend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODELS)
 def test_export_after_a_training_step_loads_strict_into_the_timm_model(dense_models, model_name):
     dense = dense_models(model_name)
@@ -162,6 +165,7 @@ def test_unsupported_op_and_setting_are_refused_at_conversion_naming_the_module(
         SparseEncoder.from_dense(dilated, backend="torch")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_spark_training_step_runs_for_a_new_family(backend):
     """The decoder is wired from the encoder's feature_info: a SparK step on MobileNetV3 (depthwise, SE with
