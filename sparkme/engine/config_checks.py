@@ -147,9 +147,11 @@ def check_model(cfg: DictConfig) -> torch.nn.Module:
         raise
 
 
-def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
+def check_resume(cfg: DictConfig, model: torch.nn.Module, model_name: str | None = None,
+                 kind: str = "pretrain") -> None:
     """``resume=PATH`` (or the run's own latest checkpoint under ``resume=auto``) is a readable sparkme checkpoint
-    of this very model."""
+    of this very model, written by the ``kind`` loop (``model_name`` defaults to pretraining's
+    ``cfg.model.model_name``)."""
     from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint
 
     if cfg.resume is None:
@@ -164,7 +166,7 @@ def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
             raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
                              "checkpoint")
     state = _as_usage_error(load_checkpoint, path)
-    _as_usage_error(fit_checkpoint, state, model, cfg.model.model_name, str(path), "pretrain")
+    _as_usage_error(fit_checkpoint, state, model, model_name or cfg.model.model_name, str(path), kind)
 
 
 def check_init(cfg: DictConfig, model: torch.nn.Module) -> None:

@@ -15,8 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sparkme.data.labelled import check_labelled_root
-from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint
-from sparkme.engine.config_checks import check_logger, check_trainer
+from sparkme.engine.config_checks import check_logger, check_resume, check_trainer
 from sparkme.errors import UsageError
 from sparkme.finetune.recipes import FinetuneRecipe, recipe_for
 
@@ -79,25 +78,6 @@ def check_init(cfg: DictConfig, model: torch.nn.Module) -> None:
         load_pretrained_dense(model, str(cfg.model), path)
 
 
-def check_resume(cfg: DictConfig, model: torch.nn.Module) -> None:
-    if cfg.resume is None:
-        return
-    if cfg.resume == "auto":
-        path = Path(str(cfg.run_dir)) / "checkpoints" / LATEST if cfg.get("run_dir") else None
-        if path is None or not path.is_file():
-            return
-    else:
-        path = Path(str(cfg.resume)).expanduser()
-        if not path.is_file():
-            raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
-                             "fine-tuning checkpoint")
-    try:
-        state = load_checkpoint(path)
-    except FileNotFoundError as error:
-        raise UsageError(str(error)) from error
-    fit_checkpoint(state, model, str(cfg.model), str(path), "finetune")
-
-
 def check_finetune_config(cfg: DictConfig) -> None:
     """Raise ``UsageError`` naming the first bad value of a fine-tuning ``cfg`` and what is accepted."""
     if OmegaConf.is_missing(cfg.data, "root"):
@@ -112,4 +92,4 @@ def check_finetune_config(cfg: DictConfig) -> None:
     layout = check_labelled_root(cfg.data.root, cfg.data.val_fraction)
     model = _meta_classifier(cfg, len(layout.classes), recipe)
     check_init(cfg, model)
-    check_resume(cfg, model)
+    check_resume(cfg, model, str(cfg.model), "finetune")
