@@ -20,7 +20,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from sparkme.bench.timing import timed
-from sparkme.engine.core import StepPlan, Tally
+from sparkme.engine.core import AMP_DTYPES, StepPlan, Tally
 from sparkme.engine.distributed import DistInfo
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf" / "finetune"
@@ -39,7 +39,7 @@ def _plain_timm_step(model_name: str, recipe, num_classes: int, lr: float, amp: 
     mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, label_smoothing=recipe.label_smoothing,
                   num_classes=num_classes)
     criterion, ema = build_loss(recipe), ModelEmaV3(model, decay=recipe.ema_decay)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = AMP_DTYPES.get(amp)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         images, targets = mixup(images, labels)

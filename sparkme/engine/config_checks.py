@@ -152,19 +152,18 @@ def check_resume(cfg: DictConfig, model: torch.nn.Module, model_name: str | None
     """``resume=PATH`` (or the run's own latest checkpoint under ``resume=auto``) is a readable sparkme checkpoint
     of this very model, written by the ``kind`` loop (``model_name`` defaults to pretraining's
     ``cfg.model.model_name``)."""
-    from sparkme.engine.checkpoint import LATEST, fit_checkpoint, load_checkpoint
+    from sparkme.engine.checkpoint import fit_checkpoint, load_checkpoint
+    from sparkme.engine.core import resume_path
 
-    if cfg.resume is None:
+    if cfg.resume == "auto" and not cfg.get("run_dir"):
         return
-    if cfg.resume == "auto":
-        path = Path(str(cfg.run_dir)) / "checkpoints" / LATEST if cfg.get("run_dir") else None
-        if path is None or not path.is_file():
-            return  # nothing to resume yet: a fresh start
-    else:
-        path = Path(str(cfg.resume)).expanduser()
-        if not path.is_file():
-            raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
-                             "checkpoint")
+    path = resume_path(cfg.resume, Path(str(cfg.get("run_dir"))))
+    if path is None:
+        return  # nothing to resume (yet): a fresh start
+    path = path.expanduser()
+    if not path.is_file():
+        raise UsageError(f"resume={cfg.resume!r} is not a file: use resume=auto or the path of an existing "
+                         "checkpoint")
     state = _as_usage_error(load_checkpoint, path)
     _as_usage_error(fit_checkpoint, state, model, model_name or cfg.model.model_name, str(path), kind)
 
