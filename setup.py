@@ -40,8 +40,9 @@ setup(
     ],
     extras_require={
         "slurm": ["hydra-submitit-launcher>=1.2"],
+        "shards": ["webdataset>=0.2.100"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "hydra-submitit-launcher>=1.2", "scikit-learn>=1.3",
-                "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+                "webdataset>=0.2.100", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={
         "console_scripts": [
@@ -50,6 +51,7 @@ setup(
             "sparkme-probe=sparkme.evaluation.cli:main",
             "sparkme-bench=sparkme.bench:main",
             "sparkme-finetune=sparkme.finetune.cli:main",
+            "sparkme-shards=sparkme.data.shards.cli:main",
             "sparkme-install-minkowski=sparkme.install.minkowski:cli",
         ]
     },

@@ -70,6 +70,10 @@ def _mask_generator(seed: int, step: int, micro: int, rank: int, device: torch.d
 
 
 def _loader(dataset, cfg: DictConfig, epoch: int, start: int, rank: int, world: int) -> DataLoader:
+    if hasattr(dataset.dataset, "epoch_loader"):  # streamed shards order themselves (sparkme.data.shards.layout)
+        return dataset.dataset.epoch_loader(cfg.trainer.batch_size, int(cfg.trainer.accum_steps),
+                                            cfg.data.num_workers, epoch, start, rank, world,
+                                            torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
     sampler = ResumableSampler(len(dataset.dataset), cfg.seed, epoch, rank, world, start)
     # An explicit generator: otherwise creating the iterator draws from the global RNG, and a resumed run (which
     # creates it at another step) would see different drop-path samples than an uninterrupted one.
