@@ -8,13 +8,19 @@ the untrained original). ``format=timm``: the classifier head is excluded; loads
 ``*_1kpretrained_timm_style.pth`` for ResNets (timm keys, no ``fc``), its ``*_1kpretrained_official_style.pth`` for
 ConvNeXt (facebookresearch keys, no head). ``format=spark_withdecoder`` (command line only): the whole model in
 SparK's ``*_withdecoder_1kpretrained_spark_style.pth`` layout (``{'module': ..., 'arch', 'input_size', ...}``), for
-SparK's ``--init_weight`` and its reconstruction notebook.
+SparK's ``--init_weight`` and its reconstruction notebook. ``format=detectron2`` (ResNets) and ``format=mmdet``
+(ConvNeXt): what SparK's detection code loads (``sparkme.export_formats``).
+
+``ckpt=`` is a sparkme pretraining checkpoint, or with ``model=NAME`` any weights file ``load_weights`` reads
+(SparK's released ``*_1kpretrained_timm_style.pth`` / ``*_official_style.pth``, a ``format=timm`` export).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import torchvision
@@ -22,10 +28,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparkme.engine.checkpoint import load_checkpoint, save_atomic
+from sparkme.engine.checkpoint import load_checkpoint
 from sparkme.errors import UsageError, run_reporting_usage_errors
+from sparkme.export_formats import ExportFormat, detectron2, mmdet
 from sparkme.models.backbones import TORCHVISION_RESNETS
 from sparkme.models.encoder import SparseEncoder
+from sparkme.models.families import family_of
 from sparkme.models.spark import SparK
 from sparkme.models.spark_layouts import (
     backbone_family,
@@ -36,10 +44,12 @@ from sparkme.models.spark_layouts import (
 )
 
 COMMAND = "sparkme-export"
+# The dense state dicts of ``export_state_dict`` (also pretraining's ``export_formats``); the command's whole list
+# is ``EXPORT_FORMATS`` below.
 FORMATS = ("torchvision", "timm", "spark")
-CLI_FORMATS = (*FORMATS, "spark_withdecoder")
-ARGUMENTS = ("ckpt", "format", "out")
-USAGE = f"usage: {COMMAND} ckpt=PATH out=PATH [format={'|'.join(CLI_FORMATS)}]"
+ARGUMENTS = ("ckpt", "format", "out", "model")
+# Image size recorded by format=spark_withdecoder for a file that does not say (SparK's releases are 224 px).
+DEFAULT_IMAGE_SIZE = 224
 
 
 def export_state_dict(encoder: SparseEncoder, model_name: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -88,9 +98,12 @@ def _spark_encoder_state(state: dict[str, torch.Tensor], model_name: str,
     return out
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[SparK, str, int]:
+def model_from_checkpoint(path: str | Path, check: Callable[[str], None] | None = None) -> tuple[SparK, str, int]:
     """Rebuild the SparK model recorded in a pretraining checkpoint (on the ``torch`` backend: nothing compiled
     is needed to export); returns it, its backbone name and its image size.
+
+    Args:
+        check: called with the backbone name before the model is rebuilt (a format's refusal).
 
     Raises:
         UsageError: a missing or unreadable file, or one that is not a sparkme pretraining checkpoint.
@@ -101,10 +114,13 @@ def model_from_checkpoint(path: str | Path) -> tuple[SparK, str, int]:
     state = load_checkpoint(path)
     if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
         raise UsageError(f"{str(path)!r} is not a sparkme pretraining checkpoint: it has no 'config' entry with the "
-                         "model (to convert SparK's own files, load them with init=PATH or SparK.load_weights)")
+                         "model (for SparK's released files or another weights file, add model=NAME, e.g. "
+                         "model=resnet50)")
     cfg = OmegaConf.create(state["config"])
     model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
     model_cfg.update(backend="torch", mask_ratio=0.6)
+    if check is not None:
+        check(str(model_cfg.get("model_name")))
     try:
         model = instantiate(OmegaConf.create(model_cfg))
         model.load_state_dict(state["model"], strict=True)
@@ -112,6 +128,31 @@ def model_from_checkpoint(path: str | Path) -> tuple[SparK, str, int]:
         raise UsageError(f"{str(path)!r} is not a usable sparkme checkpoint: its model does not rebuild "
                          f"({str(error).strip().splitlines()[0]})") from error
     return model, model_cfg["model_name"], int(cfg.get("image_size", 224))
+
+
+def model_from_weights(path: str | Path, model_name: str, check: Callable[[str], None] | None = None,
+                       whole: bool = False) -> tuple[SparK, str, int]:
+    """A ``model_name`` SparK model (``torch`` backend) holding the weights of any file ``load_weights`` reads:
+    SparK's released files, a ``format=timm`` / ``format=spark`` export; returns it, the name and the image size.
+
+    Args:
+        check: called with ``model_name`` before the model is built (a format's refusal).
+        whole: the format writes the decoder too, so the file must hold it.
+
+    Raises:
+        UsageError: an unknown model, a file that does not fit it, an encoder-only file when ``whole``.
+    """
+    family_of(model_name)
+    if check is not None:
+        check(model_name)
+    from sparkme.models import build_spark
+
+    model = build_spark(model_name, backend="torch")
+    report = model.load_weights(path)
+    if whole and report.kept:
+        raise UsageError(f"{str(path)!r} holds the encoder only ({len(report.kept)} decoder tensors missing); "
+                         "this format writes the decoder too: give a file with it")
+    return model, model_name, DEFAULT_IMAGE_SIZE
 
 
 def encoder_from_checkpoint(path: str | Path) -> tuple[SparseEncoder, str]:
@@ -131,8 +172,27 @@ def spark_withdecoder_state(model: SparK, model_name: str, image_size: int) -> d
             "input_size": image_size, "is_pretrain": True}
 
 
+def _dense(fmt: str) -> ExportFormat:
+    """A format whose file is ``export_state_dict``'s dense state dict."""
+    return ExportFormat(fmt, lambda model, name, image_size: export_state_dict(model.encoder, name, fmt))
+
+
+# Every format= of the command, in the order the usage line lists them: a new format is one line here.
+EXPORT_FORMATS = MappingProxyType({fmt.name: fmt for fmt in (
+    _dense("torchvision"),
+    _dense("timm"),
+    _dense("spark"),
+    ExportFormat("spark_withdecoder", spark_withdecoder_state),
+    detectron2.FORMAT,
+    mmdet.FORMAT,
+)})
+CLI_FORMATS = tuple(EXPORT_FORMATS)
+USAGE = f"usage: {COMMAND} ckpt=PATH out=PATH [format={'|'.join(CLI_FORMATS)}] [model=NAME]"
+
+
 def parse_arguments(argv: list[str]) -> dict[str, str]:
-    """``key=value`` arguments -> a dict with ``ckpt``, ``out`` and ``format`` (default ``timm``).
+    """``key=value`` arguments -> a dict with ``ckpt``, ``out``, ``format`` (default ``timm``) and, when given,
+    ``model``.
 
     Raises:
         UsageError: a malformed or unknown argument, a missing one, an unknown format.
@@ -146,7 +206,7 @@ def parse_arguments(argv: list[str]) -> dict[str, str]:
         raise UsageError(f"cannot parse arguments {list(argv)}: {str(error).splitlines()[0]}; {USAGE}") from error
     unknown = sorted(set(args) - set(ARGUMENTS))
     if unknown:
-        raise UsageError(f"unknown argument {unknown[0]!r}; accepted: ckpt=, out=, format=; {USAGE}")
+        raise UsageError(f"unknown argument {unknown[0]!r}; accepted: ckpt=, out=, format=, model=; {USAGE}")
     for key in ("ckpt", "out"):
         if args.get(key) in (None, ""):
             raise UsageError(f"missing {key}=...; {USAGE}")
@@ -159,13 +219,15 @@ def parse_arguments(argv: list[str]) -> dict[str, str]:
 def export(argv: list[str]) -> Path:
     """The command: read the checkpoint, convert, write ``out`` atomically; returns the written path."""
     args = parse_arguments(argv)
-    model, name, image_size = model_from_checkpoint(args["ckpt"])
-    if args["format"] == "spark_withdecoder":
-        state = spark_withdecoder_state(model, name, image_size)
+    fmt = EXPORT_FORMATS[args["format"]]
+    if "model" in args:
+        model, name, image_size = model_from_weights(args["ckpt"], args["model"], fmt.check,
+                                                     whole=fmt.name == "spark_withdecoder")
     else:
-        state = export_state_dict(model.encoder, name, args["format"])
+        model, name, image_size = model_from_checkpoint(args["ckpt"], fmt.check)
+    contents = fmt.make(model, name, image_size)
     try:
-        path = save_atomic(state, args["out"])
+        path = fmt.save(contents, args["out"])
     except OSError as error:
         raise UsageError(f"cannot write out={args['out']!r}: {error}; give a path in a writable folder") from error
     print(f"exported {name} ({args['format']} format) to {path}")
