@@ -59,8 +59,8 @@ def pieces_of(sizes: list[int], shard_order: list[int], start: int, length: int)
 def buffer_order(length: int, buffer: int, rng: random.Random) -> tuple[int, ...]:
     """The order in which a shuffle buffer of ``buffer`` samples hands out a stream of ``length`` samples: full,
     it gives out a random held sample and holds the incoming one in its place; at the end it gives out the rest in
-    random order. Sample i is never handed out before sample ``i - buffer``, so a reader holds at most ``buffer``
-    samples."""
+    random order. The i-th sample handed out is among the first ``i + buffer + 1`` read, so a reader holds at most
+    ``buffer`` samples besides the one it hands out."""
     held: list[int] = []
     order: list[int] = []
     for position in range(length):
