@@ -105,7 +105,8 @@ def _check_wandb_is_opened_as_configured(cfg, run_dir: Path, monkeypatch) -> Non
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_config_group_builds_the_objects_it_configures(group, tmp_path, monkeypatch):
-    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    for name in ("a.png", "b.png"):  # data=imagefolder holds one of them out (data.holdout_fraction)
+        Image.new("RGB", (40, 30)).save(tmp_path / name)
     for option in _options(group):
         overrides = [f"{group}={option}"]
         if group == "experiment" or (group, option) == ("data", "imagefolder"):

@@ -146,7 +146,7 @@ def test_bad_input_ends_in_one_line_exit_2(tmp_path, capsys, case):
         torch.save({"model_name": "resnet50", "model": {"encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "r50.pt")
         args, expected = [*ok, f"init={tmp_path / 'r50.pt'}"], "are of resnet50; this run builds resnet18"
     else:
-        args, expected = [*ok, "linear.optimizer=adam"], "linear.optimizer must be lars or sgd, got 'adam'"
+        args, expected = [*ok, "linear.optimizer=adam"], "linear.optimizer must be one of auto, lars, sgd, got 'adam'"
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["model=resnet18", *args])
     assert exit_info.value.code == 2

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from sparkme.bench.report import cpu_model
 from sparkme.bench.run import run_benchmark
 from sparkme.bench.settings import DEFAULT_MODELS, DEFAULT_RATIOS, REFERENCE, BenchSettings
 from sparkme.errors import run_reporting_usage_errors
@@ -74,6 +75,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"note: --repeats {args.repeats} < 3: the medians are noisy", flush=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_model()}", flush=True)
     print(f"torch {torch.__version__}, device {settings.device}, {torch.get_num_threads()} threads, "
           f"image {args.image_size}px, {args.repeats} repeats after {args.warmup} warm-up", flush=True)
     run_benchmark(settings)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +37,20 @@ TABLE = (
 )
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` gives it (``/proc/cpuinfo``'s ``model name``; ``platform.processor()``
+    where there is no such file), with its count of logical CPUs: speed ratios depend on the CPU."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} logical CPUs"
+
+
 def _cell(value, spec: str, scale: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -61,7 +77,7 @@ def write_results(rows: Sequence[dict], out_dir: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
-    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), columns=COLUMNS)
+    meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_model(), columns=COLUMNS)
     # NaN is not JSON: a ratio against a zero reference is written as null.
     clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
     (out_dir / "results.json").write_text(json.dumps(dict(meta=meta, rows=clean), indent=2) + "\n")

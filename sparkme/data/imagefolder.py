@@ -2,6 +2,8 @@
 
 Unreadable, truncated or non-image files are skipped with one warning each and counted; when more than
 ``max_bad_fraction`` of the files fail, loading stops with a clear error instead of training on too little.
+A seeded ``holdout_fraction`` of the files can be set aside: ``split="train"`` reads the others, ``split="holdout"``
+those (pretraining's ``holdout_loss`` is measured on them).
 """
 
 from __future__ import annotations
@@ -9,12 +11,35 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from sparkme.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "holdout")
+
+
+def holdout_indices(count: int, fraction: float, seed: int) -> set[int]:
+    """The indices, among ``count`` files, that a seeded ``fraction`` sets aside: ``round(fraction * count)``, at
+    least one when ``fraction > 0`` and never all (empty for ``fraction == 0``).
+
+    Raises:
+        UsageError: ``fraction`` outside [0, 1), or a fraction > 0 of fewer than two files.
+    """
+    if not 0.0 <= float(fraction) < 1.0:
+        raise UsageError(f"data.holdout_fraction must be a number in [0, 1) (0: no held-out images), got {fraction!r}")
+    if fraction == 0:
+        return set()
+    if count < 2:
+        raise UsageError(f"data.holdout_fraction={fraction} needs at least 2 images to hold one out, found {count}; "
+                         "use data.holdout_fraction=0 data.holdout=null")
+    held = min(max(round(fraction * count), 1), count - 1)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(int(seed)))
+    return set(order[:held].tolist())
 
 
 def read_rgb(path: str | Path) -> Image.Image:
@@ -38,9 +63,17 @@ class ImageFolderDataset(Dataset):
         transform: PIL image -> tensor.
         max_bad_fraction: abort when more than this fraction of files cannot be decoded.
         files: the image files to read, when already listed (``sparkme.data.labelled``); None lists ``root``.
+        holdout_fraction: the fraction of the files set aside (seeded by ``seed``; see ``holdout_indices``).
+        split: ``"train"``: the files not set aside; ``"holdout"``: those set aside.
+        seed: seeds the choice of the held-out files (the same for both splits).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder or holds no image.
+        UsageError: a bad ``split`` or ``holdout_fraction``, or ``split="holdout"`` with nothing held out.
     """
 
-    def __init__(self, root: str, transform, max_bad_fraction: float = 0.1, files: list[Path] | None = None):
+    def __init__(self, root: str, transform, max_bad_fraction: float = 0.1, files: list[Path] | None = None,
+                 holdout_fraction: float = 0.0, split: str = "train", seed: int = 0):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.root {str(self.root)!r} does not exist or is not a directory")
@@ -49,6 +82,13 @@ class ImageFolderDataset(Dataset):
         if not self.files:
             raise FileNotFoundError(
                 f"data.root {str(self.root)!r} has no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if split not in SPLITS:
+            raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if split == "holdout" and holdout_fraction == 0:
+            raise UsageError("data.holdout_fraction=0 holds no image out: add data.holdout=null (holdout_loss is "
+                             "then measured on training images), or give a fraction > 0")
+        held = holdout_indices(len(self.files), holdout_fraction, seed)
+        self.files = [f for i, f in enumerate(self.files) if (i in held) == (split == "holdout")]
         self.transform = transform
         self.max_bad_fraction = max_bad_fraction
         self.bad: set[int] = set()

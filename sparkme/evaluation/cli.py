@@ -32,7 +32,7 @@ from sparkme.evaluation.features import (
     probe_transform,
 )
 from sparkme.evaluation.knn import knn_accuracy
-from sparkme.evaluation.linear_probe import LinearProbeSettings, linear_probe
+from sparkme.evaluation.linear_probe import OPTIMIZERS, LinearProbeSettings, linear_probe
 from sparkme.files import write_atomic
 from sparkme.models.backbones import create_backbone
 from sparkme.models.dense_weights import load_pretrained_dense, random_init_report
@@ -71,8 +71,8 @@ def check_probe_config(cfg: DictConfig) -> LabelledLayout:
                          "of <class>/... with data.val_fraction=0.2")
     for key in ("image_size", "batch_size", "knn.k", "knn.chunk", "linear.epochs", "linear.batch_size"):
         _positive(cfg, key)
-    if cfg.linear.optimizer not in ("lars", "sgd"):
-        raise UsageError(f"linear.optimizer must be lars or sgd, got {cfg.linear.optimizer!r}")
+    if cfg.linear.optimizer not in OPTIMIZERS:
+        raise UsageError(f"linear.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.linear.optimizer!r}")
     for key in ("knn.temperature", "linear.blr", "linear.trust_coefficient"):
         _positive(cfg, key, float)
     if cfg.image_size < 32:
@@ -144,7 +144,7 @@ def probe(cfg: DictConfig) -> dict:
                                        optimizer=str(cfg.linear.optimizer),
                                        trust_coefficient=float(cfg.linear.trust_coefficient))
         linear = linear_probe(*args, settings=settings, seed=int(cfg.seed))
-        results.update(linear_top1=linear["top1"], linear_top5=linear["top5"],
+        results.update(linear_top1=linear["top1"], linear_top5=linear["top5"], linear_optimizer=linear["optimizer"],
                        linear_s=round(time.perf_counter() - started, 2))
     return results
 
@@ -155,7 +155,8 @@ def format_table(results: dict) -> str:
             f"| features ({results['train_images']} train / {results['val_images']} val, "
             f"{results['feature_dim']}-d{', cached' if results['features_cached'] else ''}) | | | "
             f"{results['extract_s']} |"]
-    for method, name in (("knn", "kNN"), ("linear", "linear probe")):
+    linear = f"linear probe ({results['linear_optimizer']})" if "linear_optimizer" in results else "linear probe"
+    for method, name in (("knn", "kNN"), ("linear", linear)):
         if f"{method}_top1" in results:
             rows.append(f"| {name} | {results[f'{method}_top1']:.2f} | {results[f'{method}_top5']:.2f} | "
                         f"{results[f'{method}_s']} |")

@@ -8,8 +8,12 @@ reads the same frozen features the kNN does.
 
 LARS scales each step of the weight to ``lr x trust_coefficient x |w| / |g|``, so over a run the weight can grow by
 about ``epochs x N x blr x trust_coefficient / 256`` of its norm: 45 on ImageNet (N = 1.28 M), 0.05 on 1,400 images,
-where the probe barely leaves its initialisation. On small sets use ``optimizer="sgd"`` (the same head, schedule and
-lr rule with SGD, momentum 0.9) or a larger ``trust_coefficient``; both are reported by ``sparkme-probe``'s settings.
+where the probe barely leaves its initialisation. Hence the rule of ``optimizer="auto"`` (the default): LARS when
+that bound reaches 1 (the weight can move by its own norm; 28,445 training images or more at the default settings),
+else SGD (the same head, schedule and lr rule, momentum 0.9), which trains small sets properly.
+
+The batch is ``min(batch_size, N)``: a set smaller than the batch trains on full batches of N, with the lr scaled to
+that batch.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from torch import nn
 
 from sparkme.evaluation.knn import topk_accuracy
 
+OPTIMIZERS = ("auto", "lars", "sgd")
+
 
 @dataclass(frozen=True)
 class LinearProbeSettings:
@@ -34,8 +40,25 @@ class LinearProbeSettings:
     blr: float = 0.1
     batch_size: int = 256
     momentum: float = 0.9
-    optimizer: str = "lars"  # lars (MAE) | sgd
+    optimizer: str = "auto"  # auto (choose_optimizer) | lars (MAE) | sgd
     trust_coefficient: float = 0.001  # MAE's LARS
+
+
+def lars_reach(settings: LinearProbeSettings, train_images: int) -> float:
+    """The most LARS can move the weight over the run, in units of its norm: ``epochs x N x blr x trust / 256``
+    (every step moves it by at most ``lr x trust`` of its norm, with ``lr = blr x batch / 256`` and ``N / batch``
+    steps per epoch)."""
+    return settings.epochs * train_images * settings.blr * settings.trust_coefficient / 256
+
+
+def choose_optimizer(settings: LinearProbeSettings, train_images: int) -> str:
+    """``settings.optimizer``, or for ``"auto"``: ``"lars"`` (MAE's) when ``lars_reach`` is at least 1, else
+    ``"sgd"``."""
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {settings.optimizer!r}")
+    if settings.optimizer != "auto":
+        return settings.optimizer
+    return "lars" if lars_reach(settings, train_images) >= 1.0 else "sgd"
 
 
 def probe_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -55,8 +78,9 @@ def lr_at(iteration: float, peak: float, warmup: float, total: float) -> float:
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_features: torch.Tensor,
                  val_labels: torch.Tensor, num_classes: int, settings: LinearProbeSettings = LinearProbeSettings(),
-                 seed: int = 0) -> dict[str, float]:
-    """Train the probe on ``(N, D)`` features with ``(N,)`` labels; top-1 / top-5 (%) of the last epoch on val.
+                 seed: int = 0) -> dict[str, float | str]:
+    """Train the probe on ``(N, D)`` features with ``(N,)`` labels; top-1 / top-5 (%) of the last epoch on val, and
+    the optimizer that trained it (``choose_optimizer``) under ``"optimizer"``.
 
     The shuffling and the initialisation follow ``seed``: the same inputs give the same figures.
     """
@@ -68,14 +92,13 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_f
     biases = [p for p in head.parameters() if p.ndim <= 1]
     batch = min(settings.batch_size, train_features.shape[0])
     peak = settings.blr * batch / 256
-    if settings.optimizer == "lars":
+    chosen = choose_optimizer(settings, train_features.shape[0])
+    if chosen == "lars":
         optimizer = Lars([{"params": weights, "always_adapt": True}, {"params": biases, "always_adapt": False}],
                          lr=peak, momentum=settings.momentum, weight_decay=0.0,
                          trust_coeff=settings.trust_coefficient)
-    elif settings.optimizer == "sgd":
-        optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=settings.momentum, weight_decay=0.0)
     else:
-        raise ValueError(f"optimizer must be lars or sgd, got {settings.optimizer!r}")
+        optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=settings.momentum, weight_decay=0.0)
     steps_per_epoch = max(train_features.shape[0] // batch, 1)  # MAE's loader drops the last partial batch
     total = settings.epochs * steps_per_epoch
     criterion = nn.CrossEntropyLoss()
@@ -94,4 +117,4 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_f
             iteration += 1
     head.eval()
     with torch.no_grad():
-        return topk_accuracy(head(val_features), val_labels)
+        return {**topk_accuracy(head(val_features), val_labels), "optimizer": chosen}
