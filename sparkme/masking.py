@@ -1,10 +1,13 @@
 """Random patch masks for SparK pretraining.
 
-Convention used everywhere in sparkme: a mask is a bool tensor of shape ``(B, h, w)`` over the patch grid and
-**True means visible** (the patch is kept and encoded); False means masked (to be reconstructed).
+Convention used everywhere in sparkme: a mask is a bool tensor of shape ``(B, h, w)`` over the patch grid of images
+(``(B, d, h, w)`` for volumes: the number of spatial dims is the mask's ``dim() - 1``) and **True means visible**
+(the patch is kept and encoded); False means masked (to be reconstructed).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,9 +33,27 @@ def check_image_size(height: int, width: int, patch_size: int = PATCH_SIZE) -> t
     return height // patch_size, width // patch_size
 
 
+def check_grid_size(size: tuple[int, ...], patch_size: int = PATCH_SIZE) -> tuple[int, ...]:
+    """Return the patch grid of an image ``(H, W)`` or a volume ``(D, H, W)``, or raise ValueError when a side is
+    not a positive multiple of ``patch_size``."""
+    size = tuple(int(side) for side in size)
+    if len(size) == 2:
+        return check_image_size(*size, patch_size=patch_size)
+    if len(size) != 3 or any(side <= 0 or side % patch_size for side in size):
+        shown = "x".join(str(side) for side in size)
+        raise ValueError(f"volume size {shown} is not supported: every side must be a positive multiple of the "
+                         f"patch size {patch_size} (e.g. {patch_size * 2}x{patch_size * 2}x{patch_size * 2})")
+    return tuple(side // patch_size for side in size)
+
+
 def num_visible(h: int, w: int, ratio: float) -> int:
     """Visible patches per image: ``round(h * w * (1 - ratio))``, at least 1 so every image has an input."""
-    return max(1, round(h * w * (1.0 - check_mask_ratio(ratio))))
+    return num_visible_of(h * w, ratio)
+
+
+def num_visible_of(cells: int, ratio: float) -> int:
+    """Visible patches of a grid of ``cells`` patches (any dimension): ``round(cells * (1 - ratio))``, at least 1."""
+    return max(1, round(cells * (1.0 - check_mask_ratio(ratio))))
 
 
 def random_mask(
@@ -54,41 +75,58 @@ def random_mask(
     Returns:
         ``(B, h, w)`` bool tensor, True = visible.
     """
-    if batch < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch}")
     if h < 1 or w < 1:
         raise ValueError(f"patch grid must be at least 1x1, got {h}x{w}")
-    keep = num_visible(h, w, ratio)
-    noise = torch.rand(batch, h * w, generator=generator, device=device)
+    return random_grid_mask(batch, (h, w), ratio, generator=generator, device=device)
+
+
+def random_grid_mask(
+    batch: int,
+    grid: tuple[int, ...],
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``random_mask`` for a patch grid of any dimension, e.g. ``(d, h, w)`` for volumes: ``(B, *grid)`` bool with
+    exactly ``num_visible_of(prod(grid), ratio)`` visible patches per sample."""
+    if batch < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch}")
+    if not grid or min(grid) < 1:
+        raise ValueError(f"patch grid must be at least 1 along every side, got {grid}")
+    cells = math.prod(grid)
+    keep = num_visible_of(cells, ratio)
+    noise = torch.rand(batch, cells, generator=generator, device=device)
     # The keep-count smallest noise values are visible: an exact count per image, uniformly random positions.
     keep_index = noise.argsort(dim=1)[:, :keep]
-    mask = torch.zeros(batch, h * w, dtype=torch.bool, device=noise.device)
+    mask = torch.zeros(batch, cells, dtype=torch.bool, device=noise.device)
     mask.scatter_(1, keep_index, True)
-    return mask.view(batch, h, w)
+    return mask.view(batch, *grid)
 
 
 def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """Repeat each mask cell ``factor`` times along both spatial axes.
+    """Repeat each mask cell ``factor`` times along every spatial axis.
 
     Args:
-        mask: ``(B, h, w)`` bool, True = visible.
+        mask: ``(B, h, w)`` (or ``(B, d, h, w)``) bool, True = visible.
         factor: positive integer, e.g. ``32 // stride`` to get the mask of a stride-``stride`` feature map.
 
     Returns:
-        ``(B, h * factor, w * factor)`` bool.
+        ``(B, h * factor, w * factor)`` bool (every spatial side times ``factor``).
     """
     if factor < 1 or int(factor) != factor:
         raise ValueError(f"upsampling factor must be a positive integer, got {factor}")
-    if mask.dim() != 3 or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a (B, h, w) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
-    return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    if mask.dim() not in (3, 4) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a (B, h, w) or (B, d, h, w) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    for dim in range(1, mask.dim()):
+        mask = mask.repeat_interleave(factor, dim=dim)
+    return mask
 
 
 def mask_at_stride(mask: torch.Tensor, stride: int, patch_size: int = PATCH_SIZE) -> torch.Tensor:
     """The visible set of a feature map with total stride ``stride`` (1, 2, 4, ..., ``patch_size``).
 
     Returns:
-        ``(B, h * patch_size // stride, w * patch_size // stride)`` bool, True = visible.
+        ``(B, h * patch_size // stride, w * patch_size // stride)`` bool (every spatial side), True = visible.
     """
     if stride < 1 or patch_size % stride:
         raise ValueError(f"stride must divide the patch size {patch_size}, got {stride}")

@@ -61,13 +61,15 @@ def _norm_act_settings(bn: BatchNormAct2d, args=(), kwargs=None) -> str | None:
 
 
 def _pool_args(pool: nn.Module) -> tuple[int, int, int]:
-    """(kernel, stride, padding) of a square pool (an int or the first of a pair)."""
+    """(kernel, stride, padding) of a square (cubic) pool (an int or the first of a pair / triple)."""
     return tuple(v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride, pool.padding))
 
 
 def _pool_settings(pool: nn.Module, args=(), kwargs=None) -> str | None:
     kernel, stride, padding = _pool_args(pool)
-    if getattr(pool, "dilation", 1) not in (1, (1, 1)) or getattr(pool, "return_indices", False):
+    if any(not isinstance(v, int) and len(set(v)) != 1 for v in (pool.kernel_size, pool.stride, pool.padding)):
+        return "a kernel, stride or padding that differs between axes"
+    if getattr(pool, "dilation", 1) not in (1, (1, 1), (1, 1, 1)) or getattr(pool, "return_indices", False):
         return "dilation != 1 or return_indices"
     if getattr(pool, "divisor_override", None) is not None:
         return "divisor_override (the mean is over visible sites)"
@@ -86,18 +88,40 @@ def _identity(module, x, *args, **kwargs):
     return x
 
 
+def _instance_norm_settings(norm: nn.Module, args=(), kwargs=None) -> str | None:
+    if norm.track_running_stats:
+        return "track_running_stats=True (sparse instance norm uses each sample's visible statistics only)"
+    return None
+
+
+def _conv_op() -> SparseOp:
+    # The spec (geometry and algorithm) is frozen on the conv at conversion.
+    return SparseOp(lambda conv, x: module_conv2d(x, conv), check=lambda conv, args, kwargs: freeze_spec(conv))
+
+
+def _pool_ops(max_pool: type, avg_pool: type) -> dict:
+    return {max_pool: SparseOp(lambda pool, x: x.max_pool(*_pool_args(pool)), check=_pool_settings),
+            avg_pool: SparseOp(lambda pool, x: x.avg_pool(*_pool_args(pool)), check=_pool_settings)}
+
+
 MODULE_OPS: Mapping[type, SparseOp] = MappingProxyType({
     nn.Identity: SparseOp(_identity),
-    # The spec (geometry and algorithm) is frozen on the conv at conversion.
-    nn.Conv2d: SparseOp(lambda conv, x: module_conv2d(x, conv), check=lambda conv, args, kwargs: freeze_spec(conv)),
+    nn.Conv2d: _conv_op(),
+    nn.Conv3d: _conv_op(),
     nn.BatchNorm2d: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
+    nn.BatchNorm3d: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
+    # Per-sample norms: statistics over each sample's visible sites only.
+    nn.InstanceNorm2d: SparseOp(lambda norm, x: ops.instance_norm(x, norm), check=_instance_norm_settings),
+    nn.InstanceNorm3d: SparseOp(lambda norm, x: ops.instance_norm(x, norm), check=_instance_norm_settings),
+    nn.GroupNorm: SparseOp(lambda gn, x: ops.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)),
+    nn.PReLU: SparseOp(lambda act, x: ops.prelu(x, act)),
     nn.SyncBatchNorm: SparseOp(lambda bn, x: ops.batch_norm(x, bn)),
     # timm's BN + activation: fed the visible rows as (N, C, 1, 1), its activation is per site too.
     BatchNormAct2d: SparseOp(lambda bn, x: ops.batch_norm(x, bn), check=_norm_act_settings),
     SyncBatchNormAct: SparseOp(lambda bn, x: ops.batch_norm(x, bn), check=_norm_act_settings),
     timm.layers.LayerNorm2d: SparseOp(lambda ln, x: ops.layer_norm(x, ln)),
-    nn.MaxPool2d: SparseOp(lambda pool, x: x.max_pool2d(*_pool_args(pool)), check=_pool_settings),
-    nn.AvgPool2d: SparseOp(lambda pool, x: x.avg_pool2d(*_pool_args(pool)), check=_pool_settings),
+    **_pool_ops(nn.MaxPool2d, nn.AvgPool2d),
+    **_pool_ops(nn.MaxPool3d, nn.AvgPool3d),
     timm.layers.DropPath: SparseOp(lambda drop, x: ops.drop_path(x, drop)),
     # Fast path: ConvNeXt's block runs channels-last internally (permute, Linear, LayerNorm), kept as one leaf.
     timm_convnext.ConvNeXtBlock: SparseOp(convnext_leaf.convnext_block, check=convnext_leaf.check_block),
@@ -114,11 +138,13 @@ def module_op(module: nn.Module) -> SparseOp | None:
 
 # --- functions and methods ------------------------------------------------------------------------------------------
 def _per_sample_values(x: SparseMap, other: Any) -> Any:
-    """``other`` as per-site values for ``x``: a scalar as is, a ``(B|1, C|1, 1, 1)`` tensor spread per sample."""
+    """``other`` as per-site values for ``x``: a scalar as is, a ``(B|1, C|1, 1, 1)`` (``1, 1, 1``) tensor spread
+    per sample."""
     if not isinstance(other, torch.Tensor) or other.numel() == 1:
         return other
-    if other.dim() == 4 and other.shape[2:] == (1, 1) and other.shape[0] in (1, x.context.batch_size):
-        per_sample = other[:, :, 0, 0].expand(x.context.batch_size, x.num_channels)
+    ones = (1,) * x.spatial_dims
+    if other.dim() == 2 + x.spatial_dims and other.shape[2:] == ones and other.shape[0] in (1, x.context.batch_size):
+        per_sample = other.reshape(other.shape[0], other.shape[1]).expand(x.context.batch_size, x.num_channels)
         return x.per_sample_broadcast(per_sample)
     raise ValueError(f"cannot broadcast a dense tensor of shape {tuple(other.shape)} over a sparse map "
                      f"{tuple(x.shape)}: only scalars and per-sample (B, C, 1, 1) tensors are supported")
@@ -168,13 +194,17 @@ def _split(name, x, sizes, dim=0):
     return tuple(x.with_features(part) for part in parts)
 
 
-SPATIAL_DIMS = ((2, 3), (3, 2), (-2, -1), (-1, -2))
+SPATIAL_DIMS = ((2, 3), (3, 2), (-2, -1), (-1, -2), (2, 3, 4), (-3, -2, -1))
 
 
 def _mean(name, x, dim, keepdim=False):
-    """Spatial mean of each sample over its own visible sites: ``(B, C)``, or ``(B, C, 1, 1)`` with keepdim."""
+    """Spatial mean of each sample over its own visible sites: ``(B, C)``, or ``(B, C, 1, 1)`` (``1, 1, 1``) with
+    keepdim."""
+    if len(tuple(dim) if isinstance(dim, (list, tuple)) else (dim,)) != x.spatial_dims:
+        raise ValueError(f"mean over dims {dim} of a map with {x.spatial_dims} spatial dims: only the mean over all "
+                         "spatial dims is defined on a sparse map")
     pooled = x.per_sample_mean()
-    return pooled[:, :, None, None] if keepdim else pooled
+    return pooled.view(*pooled.shape, *[1] * x.spatial_dims) if keepdim else pooled
 
 
 def _mean_settings(name, args, kwargs) -> str | None:

@@ -5,6 +5,9 @@ operations (1x1 conv, Linear, norms, activations, layer scale, residual add) are
 whose **last dimension is channels** for every backend, so they are shared code (``sparkme.sparse.ops``). Only
 spatial operations (k x k conv, strided conv, pooling) and densifying are backend work; their gather-GEMM kernels
 live in ``sparkme.sparse.kernels``; ``sparkme.sparse.conv`` picks a conv's kernel once per layer.
+
+The number of spatial dims is a property of the map (``spatial_dims``, from its ``MaskContext``): the same code runs
+images ``(B, C, H, W)`` and volumes ``(B, C, D, H, W)``; only the masked oracle names ``conv2d`` / ``conv3d``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ class SparseMap(abc.ABC):
         self.stride = stride
 
     # --- construction -------------------------------------------------------------------------------------------
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return self.context.spatial_dims
+
     @classmethod
     @abc.abstractmethod
     def from_images(cls, images: torch.Tensor, context: MaskContext) -> SparseMap:
-        """The stride-1 map of the visible pixels of ``images`` ``(B, C, H, W)``."""
+        """The stride-1 map of the visible pixels of ``images`` ``(B, C, H, W)`` (voxels of ``(B, C, D, H, W)``)."""
 
     @abc.abstractmethod
     def with_features(self, features: torch.Tensor) -> SparseMap:
@@ -48,7 +56,8 @@ class SparseMap(abc.ABC):
     @property
     @abc.abstractmethod
     def features(self) -> torch.Tensor:
-        """The features, channels last: ``(N, C)`` for true-sparse backends, ``(B, H, W, C)`` for masked-dense."""
+        """The features, channels last: ``(N, C)`` for true-sparse backends, ``(B, H, W, C)`` (``(B, D, H, W, C)``)
+        for masked-dense."""
 
     @property
     def num_channels(self) -> int:
@@ -87,6 +96,16 @@ class SparseMap(abc.ABC):
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
         """Spread ``(B, C)`` per-image values to every site of that image, shaped like ``features``."""
 
+    def zero_masked(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` (shaped like ``self.features``) with masked sites set to zero before a per-sample sum; a
+        true-sparse map has none."""
+        return features
+
+    def per_sample_count(self) -> torch.Tensor:
+        """``(B,)`` number of visible sites of each sample (at least 1: every sample keeps a patch)."""
+        mask = self.dense_mask()
+        return mask.sum(dim=tuple(range(1, mask.dim())))
+
     # --- convolution: the kernels ``sparkme.sparse.conv.conv2d`` calls by the spec's algorithm ---------------------
     def conv2d(self, conv: torch.nn.Conv2d) -> SparseMap:
         """Submanifold (stride 1) or strided sparse convolution with the weights of a dense ``nn.Conv2d`` (its spec
@@ -102,8 +121,9 @@ class SparseMap(abc.ABC):
         sites, grid = self.grid_sites()
         return self.with_features(grid_depthwise_conv(self.features, sites, grid, weight, bias))
 
-    def grid_sites(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """``(N,)`` flat grid index of each row (in row order) and the grid ``(B, H/stride, W/stride)``; rows here
+    def grid_sites(self) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``(N,)`` flat grid index of each row (in row order) and the grid ``(B, H/stride, W/stride)`` (or
+        ``(B, D/stride, H/stride, W/stride)``); rows here
         are the ``MaskContext``'s row-major visible sites (a backend with its own row order overrides this)."""
         return self.context.flat_sites(self.stride), self.context.grid_shape(self.stride)
 
@@ -113,16 +133,26 @@ class SparseMap(abc.ABC):
 
     # --- other spatial ops (backend work) -----------------------------------------------------------------------
     @abc.abstractmethod
-    def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
-        """Max pooling over visible neighbours only."""
+    def max_pool(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
+        """Max pooling over visible neighbours only (any spatial dims): a masked site never wins a window, even
+        when every visible value there is negative."""
 
     @abc.abstractmethod
-    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
+    def avg_pool(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
         """Average pooling: the mean over the *visible* sites of each window (masked sites are not counted)."""
+
+    def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
+        """``max_pool`` (its name in the 2-D API)."""
+        return self.max_pool(kernel_size, stride, padding)
+
+    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> SparseMap:
+        """``avg_pool`` (its name in the 2-D API)."""
+        return self.avg_pool(kernel_size, stride, padding)
 
     @abc.abstractmethod
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, C, H/stride, W/stride)`` dense tensor; masked sites hold ``fill`` ``(C,)`` (zeros when None)."""
+        """``(B, C, H/stride, W/stride)`` (``(B, C, D/stride, H/stride, W/stride)``) dense tensor; masked sites hold
+        ``fill`` ``(C,)`` (zeros when None)."""
 
     # --- shared helpers -----------------------------------------------------------------------------------------
     def __add__(self, other: SparseMap) -> SparseMap:
@@ -132,20 +162,21 @@ class SparseMap(abc.ABC):
 
     @property
     def shape(self) -> torch.Size:
-        """``(B, C, H/stride, W/stride)``: the dense shape this map stands for (read by traced ``x.shape[0]``)."""
+        """``(B, C, H/stride, W/stride)`` (or with ``D``): the dense shape this map stands for (read by traced
+        ``x.shape[0]``)."""
         return torch.Size((self.context.batch_size, self.num_channels, *self.context.grid_size(self.stride)))
 
     def per_sample_mean(self) -> torch.Tensor:
         """``(B, C)`` mean of each image's features over its own visible sites (channel attention's pooling)."""
-        counts = self.dense_mask().sum(dim=(1, 2)).clamp(min=1)
+        counts = self.per_sample_count().clamp(min=1)
         return self.per_sample_sum(self.features) / counts[:, None].to(self.features.dtype)
 
     def dense_mask(self) -> torch.Tensor:
-        """``(B, H/stride, W/stride)`` bool, True = visible."""
+        """``(B, H/stride, W/stride)`` (``(B, D/stride, H/stride, W/stride)``) bool, True = visible."""
         return self.context.dense_mask(self.stride)
 
     def _fill_masked(self, dense: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
         if fill is None:
             return dense
         visible = self.dense_mask()[:, None]
-        return torch.where(visible, dense, fill.to(dense.dtype).view(1, -1, 1, 1))
+        return torch.where(visible, dense, fill.to(dense.dtype).view(1, -1, *[1] * self.spatial_dims))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sparkme.masking import PATCH_SIZE, check_image_size, mask_at_stride
+from sparkme.masking import PATCH_SIZE, check_grid_size, mask_at_stride
 
 
 def conv_geometry(kernel_size: int, stride: int, padding: int) -> None:
@@ -27,23 +27,34 @@ def conv_geometry(kernel_size: int, stride: int, padding: int) -> None:
 class MaskContext:
     """Coordinates of the visible sites at every stride, derived from one patch mask.
 
+    The number of spatial dims (2 for images, 3 for volumes) is ``len(image_size)``; every method below works
+    on coordinates ``(batch, y, x)`` or ``(batch, z, y, x)`` alike.
+
     Args:
-        mask: ``(B, h, w)`` bool patch mask, True = visible.
-        image_size: ``(H, W)`` of the images, each a multiple of ``patch_size``.
+        mask: ``(B, h, w)`` (or ``(B, d, h, w)``) bool patch mask, True = visible.
+        image_size: ``(H, W)`` of the images (``(D, H, W)`` of volumes), each a multiple of ``patch_size``.
     """
 
-    def __init__(self, mask: torch.Tensor, image_size: tuple[int, int], patch_size: int = PATCH_SIZE):
-        h, w = check_image_size(*image_size, patch_size=patch_size)
-        if mask.dim() != 3 or mask.dtype != torch.bool or tuple(mask.shape[1:]) != (h, w):
+    def __init__(self, mask: torch.Tensor, image_size: tuple[int, ...], patch_size: int = PATCH_SIZE):
+        grid = check_grid_size(tuple(image_size), patch_size=patch_size)
+        if mask.dim() != len(grid) + 1 or mask.dtype != torch.bool or tuple(mask.shape[1:]) != grid:
+            shown_grid = ", ".join(str(side) for side in grid)
+            shown_size = "x".join(str(int(side)) for side in image_size)
+            kind = "images" if len(grid) == 2 else "volumes"
             raise ValueError(
-                f"mask must be a (B, {h}, {w}) bool tensor for {image_size[0]}x{image_size[1]} images "
+                f"mask must be a (B, {shown_grid}) bool tensor for {shown_size} {kind} "
                 f"(True = visible), got {tuple(mask.shape)} {mask.dtype}"
             )
         self.mask = mask
-        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.image_size = tuple(int(side) for side in image_size)
         self.patch_size = patch_size
         self.batch_size = mask.shape[0]
         self._cache: dict = {}
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images, 3 for volumes."""
+        return len(self.image_size)
 
     def cached(self, key, make):
         """Return ``self._cache[key]``, computing it with ``make()`` the first time."""
@@ -51,37 +62,40 @@ class MaskContext:
             self._cache[key] = make()
         return self._cache[key]
 
-    def grid_size(self, stride: int) -> tuple[int, int]:
-        return self.image_size[0] // stride, self.image_size[1] // stride
+    def grid_size(self, stride: int) -> tuple[int, ...]:
+        return tuple(side // stride for side in self.image_size)
 
     def dense_mask(self, stride: int) -> torch.Tensor:
-        """``(B, H/stride, W/stride)`` bool, True = visible."""
+        """``(B, H/stride, W/stride)`` (``(B, D/stride, H/stride, W/stride)``) bool, True = visible."""
         return self.cached(("mask", stride), lambda: mask_at_stride(self.mask, stride, self.patch_size))
 
     def coords(self, stride: int) -> torch.Tensor:
-        """``(N, 3)`` long grid coordinates ``(batch, y, x)`` of the visible sites, in row-major order."""
+        """``(N, 1 + spatial_dims)`` long grid coordinates ``(batch, y, x)`` (``(batch, z, y, x)``) of the visible
+        sites, in row-major order."""
         return self.cached(("coords", stride), lambda: self.dense_mask(stride).nonzero().contiguous())
 
     def batch_index(self, stride: int) -> torch.Tensor:
         """``(N,)`` long: the image each visible site belongs to."""
         return self.coords(stride)[:, 0]
 
-    def grid_shape(self, stride: int) -> tuple[int, int, int]:
-        """``(B, H/stride, W/stride)``: the dense grid of the stride-``stride`` maps."""
+    def grid_shape(self, stride: int) -> tuple[int, ...]:
+        """``(B, H/stride, W/stride)`` (``(B, D/stride, ...)``): the dense grid of the stride-``stride`` maps."""
         return (self.batch_size, *self.grid_size(stride))
 
     def flat_index(self, coords: torch.Tensor, stride: int) -> torch.Tensor:
-        """``(N, 3)`` grid coordinates ``(batch, y, x)`` at ``stride`` -> ``(N,)`` flat indices ``(b * H + y) * W + x``
-        into that grid."""
-        height, width = self.grid_size(stride)
-        return (coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]
+        """``(N, 1 + spatial_dims)`` grid coordinates ``(batch, y, x)`` at ``stride`` -> ``(N,)`` flat indices
+        ``(b * H + y) * W + x`` (``((b * D + z) * H + y) * W + x``) into that grid."""
+        flat = coords[:, 0]
+        for axis, side in enumerate(self.grid_size(stride), start=1):
+            flat = flat * side + coords[:, axis]
+        return flat
 
     def flat_sites(self, stride: int) -> torch.Tensor:
         """``(N,)`` long: each visible site's flat index in the stride-``stride`` grid, in ``coords`` order."""
         return self.cached(("flat", stride), lambda: self.flat_index(self.coords(stride), stride))
 
     def row_index(self, stride: int) -> torch.Tensor:
-        """``(B, H/stride, W/stride)`` long: the row of each visible site in ``coords(stride)``, -1 where masked."""
+        """``(B, *grid)`` long: the row of each visible site in ``coords(stride)``, -1 where masked."""
 
         def make():
             mask = self.dense_mask(stride)
@@ -92,12 +106,13 @@ class MaskContext:
         return self.cached(("rows", stride), make)
 
     def neighbours(self, in_stride: int, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
-        """Neighbour table of a k x k convolution from the stride-``in_stride`` map to stride ``in_stride*stride``.
+        """Neighbour table of a k x k (k x k x k) convolution from the stride-``in_stride`` map to stride
+        ``in_stride*stride``.
 
         Returns:
-            ``(N_out, k*k)`` long; entry ``[n, ky*k + kx]`` is the input row read by output row ``n`` at kernel
-            tap ``(ky, kx)`` (dense ``conv2d`` semantics), or ``N_in`` (one past the last row) where that input
-            site is masked or outside the image.
+            ``(N_out, k**spatial_dims)`` long; entry ``[n, ky*k + kx]`` (``[n, (kz*k + ky)*k + kx]``) is the input
+            row read by output row ``n`` at that kernel tap (dense ``conv2d`` / ``conv3d`` semantics), or ``N_in``
+            (one past the last row) where that input site is masked or outside the image.
         """
         conv_geometry(kernel_size, stride, padding)
 
@@ -105,13 +120,17 @@ class MaskContext:
             rows = self.row_index(in_stride)
             n_in = int((rows >= 0).sum())
             pad = kernel_size
-            padded = torch.nn.functional.pad(rows, (pad, pad, pad, pad), value=-1)
+            dims = self.spatial_dims
+            padded = torch.nn.functional.pad(rows, (pad, pad) * dims, value=-1)
             out = self.coords(in_stride * stride)
             taps = torch.arange(kernel_size, device=rows.device)
-            ys = out[:, 1, None] * stride - padding + pad + taps  # (N_out, k)
-            xs = out[:, 2, None] * stride - padding + pad + taps
-            table = padded[out[:, 0, None, None], ys[:, :, None], xs[:, None, :]]  # (N_out, k, k)
-            table = table.reshape(out.shape[0], kernel_size * kernel_size)
+            # One index per axis, shaped (N_out, 1.., k, 1..) so that indexing broadcasts to (N_out, k, ..., k)
+            # with the taps of axis a on dim a + 1 (row-major tap order, as a dense conv's weight).
+            index = [out[:, 0].view(-1, *[1] * dims)]
+            for axis in range(dims):
+                shape = [-1] + [kernel_size if a == axis else 1 for a in range(dims)]
+                index.append((out[:, axis + 1, None] * stride - padding + pad + taps).view(shape))
+            table = padded[tuple(index)].reshape(out.shape[0], kernel_size ** dims)
             return torch.where(table < 0, torch.full_like(table, n_in), table)
 
         return self.cached(("nbr", in_stride, kernel_size, stride, padding), make)

@@ -1,8 +1,8 @@
 """One sparse convolution: a frozen ``ConvSpec`` chosen once per layer, and ``conv2d`` that runs it.
 
 The spec holds the layer's geometry and the algorithm that computes it; conversion computes it once per
-``nn.Conv2d`` and stores it on the module (``freeze_spec``), so no forward re-derives it. Backends supply the
-kernels, not the choice: ``conv2d`` calls the map's kernel for the spec's algorithm
+``nn.Conv2d`` / ``nn.Conv3d`` and stores it on the module (``freeze_spec``), so no forward re-derives it. Backends
+supply the kernels, not the choice: ``conv2d`` calls the map's kernel for the spec's algorithm
 (``SparseMap.per_site_conv``, ``grid_depthwise_conv`` or ``gather_conv``).
 """
 
@@ -47,11 +47,11 @@ KERNEL_METHODS: Mapping[Algorithm, str] = MappingProxyType({
 
 @dataclass(frozen=True)
 class ConvSpec:
-    """Geometry and algorithm of one square, undilated, zero-padded sparse conv.
+    """Geometry and algorithm of one square (cubic), undilated, zero-padded sparse conv.
 
     Attributes:
-        kernel, stride, padding: of the dense ``nn.Conv2d`` (one int each: square); the output map is at ``stride``
-            times the input's.
+        kernel, stride, padding: of the dense ``nn.Conv2d`` or ``nn.Conv3d`` (one int each: the same along every
+            axis); the output map is at ``stride`` times the input's. The number of spatial dims is the weight's.
         groups: the conv's groups (1 dense, ``C_in == C_out`` depthwise).
         algorithm: how true-sparse backends compute it.
     """
@@ -68,7 +68,7 @@ class ConvSpec:
         return self.stride == 1
 
     @classmethod
-    def of(cls, conv: nn.Conv2d) -> ConvSpec:
+    def of(cls, conv: nn.Conv2d | nn.Conv3d) -> ConvSpec:
         """The spec of ``conv``.
 
         Raises:
@@ -77,11 +77,13 @@ class ConvSpec:
         """
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} (only zero padding has a sparse meaning)")
-        (kh, kw), (sh, sw), padding, (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        if isinstance(padding, str) or kh != kw or sh != sw or padding[0] != padding[1] or dh != 1 or dw != 1:
-            raise ValueError(f"unsupported Conv2d {conv}: sparse backends need square kernels, equal strides and "
-                             "paddings, and dilation 1")
-        kernel, stride, padding, groups = kh, sh, padding[0], conv.groups
+        kernels, strides, padding, dilations = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        if (isinstance(padding, str) or len(set(kernels)) != 1 or len(set(strides)) != 1 or len(set(padding)) != 1
+                or set(dilations) != {1}):
+            shape = "cubic" if len(kernels) == 3 else "square"
+            raise ValueError(f"unsupported {type(conv).__name__} {conv}: sparse backends need {shape} kernels, equal "
+                             "strides and paddings, and dilation 1")
+        kernel, stride, padding, groups = kernels[0], strides[0], padding[0], conv.groups
         conv_geometry(kernel, stride, padding)
         depthwise = groups == conv.in_channels == conv.out_channels
         if kernel == 1 and stride == 1:
@@ -109,7 +111,7 @@ def conv2d(x: SparseMap, weight: torch.Tensor, bias: torch.Tensor | None, spec: 
 
     Args:
         x: a map of ``C_in`` channels at stride ``s``.
-        weight: ``(C_out, C_in / groups, k, k)``; bias: ``(C_out,)`` or None.
+        weight: ``(C_out, C_in / groups, k, k)`` (volumes: ``k, k, k``); bias: ``(C_out,)`` or None.
         spec: the conv's ``ConvSpec``.
 
     Returns:
@@ -118,6 +120,6 @@ def conv2d(x: SparseMap, weight: torch.Tensor, bias: torch.Tensor | None, spec: 
     return getattr(x, KERNEL_METHODS[spec.algorithm])(weight, bias, spec)
 
 
-def module_conv2d(x: SparseMap, conv: nn.Conv2d) -> SparseMap:
-    """``conv2d`` with a converted ``nn.Conv2d``'s weights and frozen spec."""
+def module_conv2d(x: SparseMap, conv: nn.Conv2d | nn.Conv3d) -> SparseMap:
+    """``conv2d`` with a converted ``nn.Conv2d``'s (or ``nn.Conv3d``'s) weights and frozen spec."""
     return conv2d(x, conv.weight, conv.bias, getattr(conv, SPEC_ATTRIBUTE))

@@ -11,13 +11,15 @@ grids are rebuilt there.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
 class _GridDepthwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features: torch.Tensor, sites: torch.Tensor, grid: tuple[int, int, int],
+    def forward(ctx, features: torch.Tensor, sites: torch.Tensor, grid: tuple[int, ...],
                 weight: torch.Tensor) -> torch.Tensor:
         ctx.grid = grid
         ctx.save_for_backward(features, sites, weight)
@@ -29,41 +31,42 @@ class _GridDepthwise(torch.autograd.Function):
         features, sites, weight = ctx.saved_tensors
         grid_out = _scatter(grad_out.to(features.dtype).contiguous(), sites, ctx.grid)
         grid_in = _scatter(features, sites, ctx.grid)
-        k = weight.shape[-1]
+        k, dims = weight.shape[-1], weight.dim() - 2
         grad_in, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grid_out, grid_in, weight.to(features.dtype), None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0],
-            weight.shape[0], [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
+            grid_out, grid_in, weight.to(features.dtype), None, [1] * dims, [k // 2] * dims, [1] * dims, False,
+            [0] * dims, weight.shape[0], [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False],
         )
         grad_features = None if grad_in is None else _gather(grad_in, sites)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_features, None, None, grad_weight
 
 
-def _scatter(rows: torch.Tensor, sites: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """``(N, C)`` rows at flat ``sites`` -> ``(B, C, H, W)`` channels-last grid, zero elsewhere."""
-    batch, height, width = grid
-    dense = rows.new_zeros(batch * height * width, rows.shape[1]).index_copy_(0, sites, rows)
-    return dense.view(batch, height, width, -1).permute(0, 3, 1, 2)
+def _scatter(rows: torch.Tensor, sites: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """``(N, C)`` rows at flat ``sites`` -> ``(B, C, H, W)`` (``(B, C, D, H, W)``) channels-last grid, zero
+    elsewhere."""
+    dense = rows.new_zeros(math.prod(grid), rows.shape[1]).index_copy_(0, sites, rows)
+    return dense.view(*grid, -1).movedim(-1, 1)
 
 
 def _gather(dense: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` (channels-last) -> ``(N, C)`` rows at flat ``sites``."""
-    return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, sites)
+    """``(B, C, H, W)`` (channels-last; or ``(B, C, D, H, W)``) -> ``(N, C)`` rows at flat ``sites``."""
+    return dense.movedim(1, -1).reshape(-1, dense.shape[1]).index_select(0, sites)
 
 
 def _conv(dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(dense, weight, None, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+    conv = F.conv3d if weight.dim() == 5 else F.conv2d
+    return conv(dense, weight, None, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
 
-def grid_depthwise_conv(features: torch.Tensor, sites: torch.Tensor, grid: tuple[int, int, int],
+def grid_depthwise_conv(features: torch.Tensor, sites: torch.Tensor, grid: tuple[int, ...],
                         weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Submanifold (stride 1, 'same') depthwise conv of visible rows.
 
     Args:
         features: ``(N, C)`` rows.
         sites: ``(N,)`` long, each row's flat index ``(b * H + y) * W + x`` in the grid.
-        grid: ``(B, H, W)`` of this feature map.
-        weight: ``(C, 1, k, k)``, k odd.
+        grid: ``(B, H, W)`` (``(B, D, H, W)``) of this feature map.
+        weight: ``(C, 1, k, k)`` (``(C, 1, k, k, k)``), k odd.
         bias: ``(C,)`` or None.
 
     Returns:

@@ -34,15 +34,17 @@ class _GatherGemmConv(torch.autograd.Function):
         # Under autocast the forward GEMM ran in bf16/fp16 and grad_out has that dtype, while backward runs outside
         # autocast: compute in grad_out's dtype, return each gradient in its input's dtype (as autograd requires).
         features, weight = saved_features.to(grad_out.dtype), saved_weight.to(grad_out.dtype)
-        c_out, c_in, k, _ = weight.shape
+        c_out, c_in, *kernel = weight.shape
+        spatial = tuple(range(2, weight.dim()))
         grad_features = grad_weight = None
         if ctx.needs_input_grad[2]:
             # (C_out, K*C_in) -> (C_out, C_in, k, k), contiguous here: AccumulateGrad would otherwise copy it
-            grad_weight = (grad_out.t() @ _gather_rows(features, table)).view(c_out, k, k, c_in)
-            grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous().to(saved_weight.dtype)
+            grad_weight = (grad_out.t() @ _gather_rows(features, table)).view(c_out, *kernel, c_in)
+            grad_weight = grad_weight.permute(0, weight.dim() - 1, *range(1, weight.dim() - 1))
+            grad_weight = grad_weight.contiguous().to(saved_weight.dtype)
         if ctx.needs_input_grad[0]:
             if ctx.same_sites:
-                mirrored = weight.flip(2, 3).transpose(0, 1)  # (C_in, C_out, k, k)
+                mirrored = weight.flip(spatial).transpose(0, 1)  # (C_in, C_out, k, k)
                 grad_features = _gather_rows(grad_out, table) @ _gemm_weight(mirrored)
             else:
                 grad_columns = (grad_out @ _weight_rows(weight)).reshape(-1, c_in)
@@ -64,17 +66,18 @@ def _gather_rows(features: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def _gemm_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Dense ``(C_out, C_in, k, k)`` -> ``(k*k*C_in, C_out)`` matching ``_gather_rows``' tap-major columns."""
-    c_out, c_in, k, _ = weight.shape
-    return weight.permute(2, 3, 1, 0).reshape(k * k * c_in, c_out)
+    """Dense ``(C_out, C_in, k, k)`` (or ``k, k, k``) -> ``(K*C_in, C_out)`` matching ``_gather_rows``' tap-major
+    columns."""
+    c_out = weight.shape[0]
+    return weight.permute(*range(2, weight.dim()), 1, 0).reshape(-1, c_out)
 
 
 def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
-    """Dense ``(C_out, C_in, k, k)`` -> ``(C_out, k*k*C_in)``, the transpose of ``_gemm_weight``: the copy moves
-    ``(C_in, k*k)`` blocks within each output channel's row (cache-friendly, unlike a whole transpose), and the GEMMs
-    read it transposed for free."""
-    c_out, c_in, k, _ = weight.shape
-    return weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c_in)
+    """Dense ``(C_out, C_in, k, k)`` (or ``k, k, k``) -> ``(C_out, K*C_in)``, the transpose of ``_gemm_weight``: the
+    copy moves ``(C_in, K)`` blocks within each output channel's row (cache-friendly, unlike a whole transpose), and
+    the GEMMs read it transposed for free."""
+    c_out = weight.shape[0]
+    return weight.permute(0, *range(2, weight.dim()), 1).reshape(c_out, -1)
 
 
 def gather_conv(features: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -85,7 +88,8 @@ def gather_conv(features: torch.Tensor, neighbours: torch.Tensor, weight: torch.
     Args:
         features: ``(N_in, C_in)`` input rows.
         neighbours: ``(N_out, K)`` rows read by each output tap; ``N_in`` means "missing" (reads zeros).
-        weight: dense ``(C_out, C_in/groups, k, k)`` with ``K = k*k`` taps ordered ``ky*k + kx``.
+        weight: dense ``(C_out, C_in/groups, k, k)`` with ``K = k*k`` taps ordered ``ky*k + kx`` (volumes:
+            ``(C_out, C_in/groups, k, k, k)``, ``K = k**3`` taps ordered ``(kz*k + ky)*k + kx``).
         bias: ``(C_out,)`` or None.
         spec: the conv's ``ConvSpec`` (a ``GATHER_*`` algorithm).
 
@@ -96,8 +100,7 @@ def gather_conv(features: torch.Tensor, neighbours: torch.Tensor, weight: torch.
         out = _GatherGemmConv.apply(features.contiguous(), neighbours, weight, spec.same_sites)
     elif spec.algorithm is Algorithm.GATHER_DEPTHWISE:
         # Strided depthwise (stride-1 ones run on a scratch grid: sparse/grid_depthwise.py).
-        c_out, _, k, _ = weight.shape
-        tap_weight = weight.reshape(c_out, k * k).t().contiguous()  # (K, C)
+        tap_weight = weight.reshape(weight.shape[0], -1).t().contiguous()  # (K, C)
         out = torch.einsum("nkc,kc->nc", _with_missing_row(features)[neighbours], tap_weight)
     elif spec.algorithm is Algorithm.GATHER_GROUPED:
         out = _grouped_gather_conv(features, neighbours, weight, spec.groups)
@@ -110,12 +113,12 @@ def _grouped_gather_conv(features: torch.Tensor, neighbours: torch.Tensor, weigh
                          groups: int) -> torch.Tensor:
     """Grouped conv (ResNeXt, RegNet) as one batched GEMM over the groups: ``(G, N_out, K*C_in/G)`` columns times
     ``(G, K*C_in/G, C_out/G)`` weights. Plain autograd: grouped layers are narrow, so their columns are small."""
-    c_out, c_in_per_group, k, _ = weight.shape
+    c_out, c_in_per_group = weight.shape[:2]
     n_out, taps = neighbours.shape
     columns = _with_missing_row(features)[neighbours]  # (N_out, K, C_in)
     columns = columns.reshape(n_out, taps, groups, c_in_per_group).permute(2, 0, 1, 3)
     columns = columns.reshape(groups, n_out, taps * c_in_per_group)
-    grouped = weight.reshape(groups, c_out // groups, c_in_per_group, k * k).permute(0, 3, 2, 1)
+    grouped = weight.reshape(groups, c_out // groups, c_in_per_group, taps).permute(0, 3, 2, 1)
     out = torch.bmm(columns, grouped.reshape(groups, taps * c_in_per_group, c_out // groups))
     return out.permute(1, 0, 2).reshape(n_out, c_out)
 
@@ -137,7 +140,8 @@ def gather_avg_pool(features: torch.Tensor, neighbours: torch.Tensor) -> torch.T
 def linear_conv1x1(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    groups: int) -> torch.Tensor:
     """A 1x1 stride-1 conv on channels-last features ``(..., C_in)`` is one GEMM (one per group), identical for
-    every true-sparse backend. ``weight``: ``(C_out, C_in/groups, 1, 1)``; ``bias``: ``(C_out,)`` or None."""
+    every true-sparse backend. ``weight``: ``(C_out, C_in/groups, 1, 1)`` (or ``1, 1, 1``); ``bias``: ``(C_out,)``
+    or None."""
     if groups == 1:
         return F.linear(features, weight.flatten(1), bias)
     c_out = weight.shape[0]

@@ -29,27 +29,28 @@ except ImportError as error:  # pragma: no cover - the registry reports this wit
         f"(builds and caches a wheel for your torch) ({error})"
     ) from error
 
-DIMENSION = 2
-
 
 def dense_to_minkowski_kernel(weight: torch.Tensor) -> torch.Tensor:
     """Dense ``(C_out, C_in, k, k)`` conv weight -> MinkowskiEngine kernel ``(k*k, C_in, C_out)``.
 
-    MinkowskiEngine numbers the offsets of a 2-D kernel with the *first* spatial coordinate (our y) varying
-    fastest: offset index ``ix * k + iy``. So ``kernel[ix * k + iy, i, o] == weight[o, i, iy, ix]``.
+    MinkowskiEngine numbers the offsets of a kernel with the *first* spatial coordinate (our y; z for volumes)
+    varying fastest: offset index ``ix * k + iy`` (``(ix * k + iy) * k + iz``). So
+    ``kernel[ix * k + iy, i, o] == weight[o, i, iy, ix]``: every axis reversed, then channels.
     """
-    c_out, c_in, k, _ = weight.shape
-    return weight.permute(3, 2, 1, 0).reshape(k * k, c_in, c_out).contiguous()
+    c_out, c_in = weight.shape[:2]
+    return weight.permute(*reversed(range(weight.dim()))).reshape(-1, c_in, c_out).contiguous()
 
 
-def minkowski_to_dense_kernel(kernel: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Inverse of ``dense_to_minkowski_kernel``: ``(k*k, C_in, C_out)`` -> ``(C_out, C_in, k, k)``."""
+def minkowski_to_dense_kernel(kernel: torch.Tensor, kernel_size: int, spatial_dims: int = 2) -> torch.Tensor:
+    """Inverse of ``dense_to_minkowski_kernel``: ``(k**D, C_in, C_out)`` -> ``(C_out, C_in, k, ..., k)``."""
     _, c_in, c_out = kernel.shape
-    return kernel.reshape(kernel_size, kernel_size, c_in, c_out).permute(3, 2, 1, 0).contiguous()
+    reshaped = kernel.reshape(*[kernel_size] * spatial_dims, c_in, c_out)
+    return reshaped.permute(*reversed(range(reshaped.dim()))).contiguous()
 
 
 class MinkowskiMap(SparseMap):
-    """A ``MinkowskiEngine.SparseTensor`` (coordinates ``(batch, y, x)`` in pixels, multiples of the stride)."""
+    """A ``MinkowskiEngine.SparseTensor`` (coordinates ``(batch, y, x)`` or ``(batch, z, y, x)`` in pixels,
+    multiples of the stride; ``D`` = the context's spatial dims)."""
 
     backend_name = "minkowski"
 
@@ -61,13 +62,13 @@ class MinkowskiMap(SparseMap):
     def from_images(cls, images: torch.Tensor, context: MaskContext) -> MinkowskiMap:
         # Built from the mask's own coordinates: ME.to_sparse would also drop visible pixels whose value is 0.
         mask = context.dense_mask(1)
-        features = images.permute(0, 2, 3, 1)[mask]
+        features = images.movedim(1, -1)[mask]
         coordinates = context.coords(1).int()
         # MinkowskiEngine's coordinate manager calls omp_set_num_threads(its thread count), which is also torch's
         # OpenMP pool: by default min(cpu_count, 20), silently undoing the caller's torch.set_num_threads. Giving it
         # torch's own count leaves the caller's setting in place.
         manager = ME.CoordinateManager(
-            D=DIMENSION, num_threads=torch.get_num_threads(),
+            D=context.spatial_dims, num_threads=torch.get_num_threads(),
             coordinate_map_type=ME.CoordinateMapType.CUDA if coordinates.is_cuda else ME.CoordinateMapType.CPU,
         )
         tensor = ME.SparseTensor(features, coordinates=coordinates, tensor_stride=1, device=images.device,
@@ -95,7 +96,7 @@ class MinkowskiMap(SparseMap):
         key = self.tensor.coordinate_map_key
         return self.context.cached(("me_batch", str(key)), lambda: self.tensor.C[:, 0].long())
 
-    def grid_sites(self) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def grid_sites(self) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Each row's flat grid index in MinkowskiEngine's own row order (its coordinates are in pixels, multiples
         of the stride), and the grid."""
 
@@ -117,7 +118,7 @@ class MinkowskiMap(SparseMap):
     def _kernel_generator(self, kernel_size: int, stride: int) -> ME.KernelGenerator:
         return self.context.cached(
             ("me_kernel", kernel_size, stride),
-            lambda: ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dimension=DIMENSION),
+            lambda: ME.KernelGenerator(kernel_size=kernel_size, stride=stride, dimension=self.spatial_dims),
         )
 
     def _wrap(self, features: torch.Tensor, key, stride: int) -> MinkowskiMap:
@@ -147,7 +148,7 @@ class MinkowskiMap(SparseMap):
     def _strided_table(self, kernel: int, stride: int):
         """Output key at ``stride`` times this map's and the ``(N_out, k*k)`` table into this map's rows."""
         manager, in_key = self.tensor.coordinate_manager, self.tensor.coordinate_map_key
-        out_key = manager.stride(in_key, [stride] * DIMENSION)
+        out_key = manager.stride(in_key, [stride] * self.spatial_dims)
         table = self.context.cached(("me_nbr", str(in_key), str(out_key), kernel),
                                     lambda: self._neighbours(in_key, out_key, kernel, stride))
         return out_key, table
@@ -166,10 +167,13 @@ class MinkowskiMap(SparseMap):
         return self.with_features(out[inverse])
 
     def _sorted_neighbours(self, key, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row order sorting the sites by (batch, y, x), its inverse, and the stride-1 table in that order."""
+        """Row order sorting the sites by (batch, y, x) (or (batch, z, y, x)), its inverse, and the stride-1 table in
+        that order."""
         coords = self.tensor.C.long()
-        height, width = self.context.image_size
-        order = ((coords[:, 0] * height + coords[:, 1]) * width + coords[:, 2]).argsort()
+        flat = coords[:, 0]
+        for axis, side in enumerate(self.context.image_size, start=1):
+            flat = flat * side + coords[:, axis]
+        order = flat.argsort()
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         table = self._neighbours(key, key, kernel, 1)[order]
@@ -178,7 +182,8 @@ class MinkowskiMap(SparseMap):
         return order, inverse, table
 
     def _neighbours(self, in_key, out_key, kernel: int, stride: int) -> torch.Tensor:
-        """``(N_out, k*k)`` rows read per tap (``ky*k + kx`` order), ``N_in`` where missing, from ME's kernel map."""
+        """``(N_out, k**D)`` rows read per tap (row-major ``ky*k + kx`` order), ``N_in`` where missing, from ME's
+        kernel map."""
         manager = self.tensor.coordinate_manager
         generator = self._kernel_generator(kernel, stride)
         region_type, region_offset, _ = generator.get_kernel(self.tensor.tensor_stride, False)
@@ -186,19 +191,24 @@ class MinkowskiMap(SparseMap):
                                         region_offset=region_offset)
         n_in, n_out = manager.size(in_key), manager.size(out_key)
         device = self.tensor.F.device
-        table = torch.full((n_out, kernel * kernel), n_in, dtype=torch.long, device=device)
+        dims = self.spatial_dims
+        table = torch.full((n_out, kernel ** dims), n_in, dtype=torch.long, device=device)
         for offset, in_out in kernel_map.items():
-            iy, ix = offset % kernel, offset // kernel  # ME: first spatial coordinate varies fastest
-            table[in_out[1].long().to(device), iy * kernel + ix] = in_out[0].long().to(device)
+            # ME: the first spatial coordinate varies fastest; ours: row-major (the last axis fastest)
+            tap, rest = 0, offset
+            for axis in range(dims):
+                tap += (rest % kernel) * kernel ** (dims - 1 - axis)
+                rest //= kernel
+            table[in_out[1].long().to(device), tap] = in_out[0].long().to(device)
         return table
 
-    def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> MinkowskiMap:
+    def max_pool(self, kernel_size: int, stride: int, padding: int) -> MinkowskiMap:
         conv_geometry(kernel_size, stride, padding)
-        pool = ME.MinkowskiMaxPooling(kernel_size=kernel_size, stride=stride, dimension=DIMENSION)
+        pool = ME.MinkowskiMaxPooling(kernel_size=kernel_size, stride=stride, dimension=self.spatial_dims)
         out = pool(self.tensor)
         return MinkowskiMap(self.context, self.stride * stride, out)
 
-    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> MinkowskiMap:
+    def avg_pool(self, kernel_size: int, stride: int, padding: int) -> MinkowskiMap:
         conv_geometry(kernel_size, stride, padding)
         if stride == 1:
             key = self.tensor.coordinate_map_key
@@ -210,7 +220,6 @@ class MinkowskiMap(SparseMap):
 
     def to_dense(self, fill: torch.Tensor | None = None) -> torch.Tensor:
         batch = self.context.batch_size
-        height, width = self.context.grid_size(self.stride)
-        shape = torch.Size([batch, self.tensor.F.shape[1], height, width])
-        dense, _, _ = self.tensor.dense(shape=shape, min_coordinate=torch.IntTensor([0, 0]))
+        shape = torch.Size([batch, self.tensor.F.shape[1], *self.context.grid_size(self.stride)])
+        dense, _, _ = self.tensor.dense(shape=shape, min_coordinate=torch.IntTensor([0] * self.spatial_dims))
         return self._fill_masked(dense, fill)

@@ -23,10 +23,52 @@ def pointwise(x: SparseMap, fn: Callable[[torch.Tensor], torch.Tensor]) -> Spars
 
 def batch_norm(x: SparseMap, bn: nn.modules.batchnorm._BatchNorm) -> SparseMap:
     """BatchNorm with statistics over the visible sites only (SparK's sparse BN). ``bn`` is the dense
-    ``BatchNorm2d`` (or ``SyncBatchNorm``): the ``(N, C)`` visible rows are fed to it as ``(N, C, 1, 1)``."""
+    ``BatchNorm2d`` (or ``SyncBatchNorm``): the ``(N, C)`` visible rows are fed to it as ``(N, C, 1, 1)``
+    (``(N, C, 1, 1, 1)`` for a ``BatchNorm3d``, whose input check wants five dims)."""
     rows = x.visible_rows(x.unmasked_features)
+    if isinstance(bn, nn.BatchNorm3d):
+        return x.from_visible_rows(bn(rows[:, :, None, None, None])[:, :, 0, 0, 0])
     out = bn(rows[:, :, None, None])[:, :, 0, 0]
     return x.from_visible_rows(out)
+
+
+def group_norm(x: SparseMap, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> SparseMap:
+    """Per sample and per channel group, statistics over that sample's **visible** sites only (nnssl's
+    ``SparseInstanceNorm3d`` for ``groups == C``; ``GroupNorm`` otherwise): ``(x - mean) / sqrt(var + eps)`` with
+    the biased variance, then the per-channel affine.
+
+    Sums run through ``per_sample_sum`` (an index-add over rows; the masked oracle sums its zeroed dense grid).
+    """
+    features = x.features  # zero at masked sites
+    channels = features.shape[-1]
+    per_group = channels // groups
+    counts = (x.per_sample_count().to(features.dtype) * per_group)[:, None]  # (B, 1): values per group
+
+    def group_mean(per_channel_sums: torch.Tensor) -> torch.Tensor:  # (B, C) sums -> (B, C) group means
+        sums = per_channel_sums.view(-1, groups, per_group).sum(dim=-1)
+        return (sums / counts).repeat_interleave(per_group, dim=1)
+
+    mean = group_mean(x.per_sample_sum(features))
+    centred = features - x.per_sample_broadcast(mean)
+    variance = group_mean(x.per_sample_sum(x.zero_masked(centred * centred)))
+    out = centred * x.per_sample_broadcast(torch.rsqrt(variance + eps))
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return x.with_features(out)
+
+
+def instance_norm(x: SparseMap, norm: nn.modules.instancenorm._InstanceNorm) -> SparseMap:
+    """``InstanceNorm2d/3d`` over each sample's visible sites (one group per channel)."""
+    return group_norm(x, x.num_channels, norm.weight, norm.bias, norm.eps)
+
+
+def prelu(x: SparseMap, module: nn.PReLU) -> SparseMap:
+    """PReLU with its per-channel (or single) slope applied along the channels-last rows (``F.prelu`` would read
+    dim 1, which is not the channels of a ``(B, H, W, C)`` map); ``prelu(0) = 0`` keeps masked zeros."""
+    return x.map_features(lambda f: torch.where(f >= 0, f, f * module.weight), keeps_zeros=True)
 
 
 def layer_norm(x: SparseMap, ln: nn.LayerNorm) -> SparseMap:

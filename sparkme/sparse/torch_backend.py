@@ -1,7 +1,8 @@
 """``torch`` backend: true-sparse convolution in pure PyTorch (no compiled code; CPU and CUDA alike).
 
-Features are ``(N, C)`` rows of the visible sites in row-major ``(batch, y, x)`` order. A k x k convolution is one
-gather through a neighbour table (built once per mask, stride and kernel by the ``MaskContext``) and one GEMM.
+Features are ``(N, C)`` rows of the visible sites in row-major ``(batch, y, x)`` (volumes: ``(batch, z, y, x)``)
+order. A k x k (k x k x k) convolution is one gather through a neighbour table (built once per mask, stride and
+kernel by the ``MaskContext``) and one GEMM.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class TorchSparseMap(SparseMap):
     @classmethod
     def from_images(cls, images: torch.Tensor, context: MaskContext) -> TorchSparseMap:
         mask = context.dense_mask(1)
-        return cls(context, 1, images.permute(0, 2, 3, 1)[mask])
+        return cls(context, 1, images.movedim(1, -1)[mask])
 
     def with_features(self, features: torch.Tensor) -> TorchSparseMap:
         return TorchSparseMap(self.context, self.stride, features)
@@ -53,11 +54,11 @@ class TorchSparseMap(SparseMap):
         return TorchSparseMap(self.context, self.stride * spec.stride,
                               gather_conv(self._features, table, weight, bias, spec))
 
-    def max_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
+    def max_pool(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
         table = self.context.neighbours(self.stride, kernel_size, stride, padding)
         return TorchSparseMap(self.context, self.stride * stride, gather_max_pool(self._features, table))
 
-    def avg_pool2d(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
+    def avg_pool(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
         table = self.context.neighbours(self.stride, kernel_size, stride, padding)
         return TorchSparseMap(self.context, self.stride * stride, gather_avg_pool(self._features, table))
 
@@ -67,4 +68,4 @@ class TorchSparseMap(SparseMap):
         dense = dense.index_put((mask,), self._features) if mask.any() else dense
         # (B, C, H, W) in channels-last memory format, as scattered: the dense half runs channels-last on CPU
         # (SparK.dense_layout), so a contiguous NCHW copy here would be transposed straight back.
-        return self._fill_masked(dense.permute(0, 3, 1, 2), fill)
+        return self._fill_masked(dense.movedim(-1, 1), fill)
