@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 setup(
     name="sparkme",
     version="0.1.0",
+    license="MIT",
     description="SparK pretraining for ConvNets with true sparse convolution (MinkowskiEngine, pure-torch, masked)",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
