@@ -1,7 +1,8 @@
 """``sparkme-pretrain``: the hydra entry point; all the work is in ``sparkme.engine.pretrain.pretrain``.
 
-User errors (a config group option that does not exist, a bad value, a missing file) end in one line,
-``sparkme-pretrain: error: ...``, with exit status 2; anything else is a bug and keeps its traceback.
+User errors (a config group option or a setting that does not exist, a bad value, a missing file) end in one line,
+``sparkme-pretrain: error: ...``, with exit status 2; anything else is a bug and keeps its traceback. Hydra's own
+flags (``--cfg job``, ``--resolve``, ``--info``, ``--help``, ``-m``) go anywhere on the line (``sparkme.hydra_argv``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ from omegaconf import DictConfig, open_dict
 from sparkme.engine.lost_rank import RankLostError, exit_with_rank_lost
 from sparkme.engine.pretrain import pretrain
 from sparkme.errors import UsageError, exit_with_usage_error, run_reporting_usage_errors
-from sparkme.hydra_output import defer_hydra_output, hold_hydra_output
+from sparkme.hydra_argv import hydra_argv, split_flags
+from sparkme.hydra_help import CommandHelp, render_help
+from sparkme.hydra_output import hold_hydra_output
+from sparkme.override_check import check_overrides
 
 COMMAND = "sparkme-pretrain"
+HELP = CommandHelp(COMMAND, "SparK masked-image-modeling pretraining of a ConvNet encoder (docs/pretraining.md).",
+                   (("data=imagefolder data.root=FOLDER", "your own images (any tree of image files)"),
+                    ("model=NAME", "the encoder: a file of conf/model/ (resnet50, convnext_small, ...)"),
+                    ("trainer.epochs=N", "how long to train (trainer.max_steps=N: N steps)")),
+                   "backend=torch,masked")
 # sparkme/conf is a link to the checkout's top-level conf/ (the single source); a wheel carries the files themselves
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -68,14 +77,29 @@ def run_task(command: str, cfg: DictConfig, task: Callable[..., dict]) -> None:
     run_reporting_usage_errors(command, run_and_report)
 
 
-def launch(command: str, hydra_main: Callable[[], None], config_dir: Path = CONFIG_DIR) -> None:
-    """Check ``group=option`` arguments against ``config_dir`` (one line, exit 2), keep hydra from writing before
-    the run lock is held, and start ``hydra_main``."""
+# hydra flags after which the overrides are not checked first: they only print, or they compose another config
+_NO_PRECHECK = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--config-name", "-cn",
+                "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def launch(command: CommandHelp, hydra_main: Callable[[], None], config_dir: Path | None = CONFIG_DIR,
+           config_name: str = "config") -> None:
+    """Print ``--help``; check the arguments (unknown ``group=option`` or setting: one line, exit 2); keep hydra
+    from writing before the run lock is held and outside ``run_dir``; put hydra's flags where its parser takes them
+    (any order on the command line); start ``hydra_main``. ``config_dir`` None: the config is in hydra's
+    ConfigStore."""
+    overrides, flags = split_flags(sys.argv[1:])
+    if any(flag in ("--help", "-h") for flag in flags):
+        print(render_help(command, config_dir))
+        sys.exit(0)
     try:
-        check_group_choices(sys.argv[1:], config_dir)
+        if config_dir is not None:
+            check_group_choices(overrides, config_dir)
+        if not any(flag.split("=", 1)[0] in _NO_PRECHECK for flag in flags):
+            check_overrides(config_name, overrides, config_dir)
     except UsageError as error:
-        exit_with_usage_error(command, error)
-    sys.argv[1:] = defer_hydra_output(sys.argv[1:])
+        exit_with_usage_error(command.command, error)
+    sys.argv[1:] = hydra_argv(sys.argv[1:])
     hydra_main()
 
 
@@ -85,7 +109,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    launch(COMMAND, _hydra_main)
+    launch(HELP, _hydra_main)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ By itself hydra writes ``.hydra/{config,hydra,overrides}.yaml`` and opens its jo
 the task starts, i.e. before the run lock is taken: a second job refused by the lock would already have overwritten
 the first job's records. A hydra CLI (``sparkme-pretrain``, ``sparkme-finetune``) therefore
 
-1. starts hydra with ``defer_hydra_output(argv)``: no records, and a job log file opened only at its first line;
+1. starts hydra with ``hydra.output_subdir=null`` and a job log file opened only at its first line
+   (``sparkme.hydra_argv.command_overrides``);
 2. at the start of its task calls ``write_after_lock = hold_hydra_output(cfg)`` (the log file is detached until then);
 3. passes ``write_after_lock`` to the loop, which calls it on rank 0 once the run directory is held: the records and
    the job log then go to ``cfg.run_dir`` (also when ``run_dir=`` names another directory than hydra's own).
@@ -21,21 +22,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 RECORDS = ".hydra"
-
-
-def _given(argv: list[str], key: str) -> bool:
-    return any(arg.lstrip("+~").startswith(key) for arg in argv)
-
-
-def defer_hydra_output(argv: list[str]) -> list[str]:
-    """``argv`` plus the overrides that keep hydra from writing anything before the task runs (what the user set
-    about hydra's output or logging is left as given)."""
-    extra = []
-    if not _given(argv, "hydra.output_subdir="):
-        extra.append("hydra.output_subdir=null")
-    if not _given(argv, "hydra/job_logging") and not _given(argv, "hydra.job_logging"):
-        extra.append("++hydra.job_logging.handlers.file.delay=true")
-    return [*argv, *extra]
 
 
 def hold_hydra_output(cfg: DictConfig) -> Callable[[], None]:

@@ -7,10 +7,31 @@ would, with any number of data-loader workers.
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+# timm's RepeatAugSampler keeps a multiple of this many images per epoch (its ``selected_round``)
+REPEATED_AUG_ROUND = 256
+
+
+def items_per_rank(length: int, world_size: int = 1, repeats: int = 1) -> int:
+    """How many items one rank takes per epoch, as the samplers of SparK's fine-tuning count them.
+
+    - ``repeats == 1``: torch's ``DistributedSampler(drop_last=True)``: ``length // world_size`` (equal shards, the
+      remainder left out).
+    - ``repeats > 1``: timm's ``RepeatAugSampler``: ``length`` rounded down to a multiple of 256 (all of it below
+      256 images, rounded up), divided by ``world_size``, at most ``ceil(length x repeats / world_size)``.
+    """
+    if repeats == 1:
+        return length // world_size
+    if length >= REPEATED_AUG_ROUND:
+        selected = length // REPEATED_AUG_ROUND * REPEATED_AUG_ROUND // world_size
+    else:
+        selected = math.ceil(length / world_size)
+    return min(selected, math.ceil(length * repeats / world_size))
 
 
 class ResumableSampler(Sampler):
@@ -20,7 +41,8 @@ class ResumableSampler(Sampler):
     Args:
         repeats: repeated augmentation (timm's ``RepeatAugSampler``, SparK's ConvNeXt fine-tuning): each image of
             the permutation appears ``repeats`` times in a row, each time with its own augmentation, and the
-            repeats go to different ranks; an epoch keeps ``length // world_size`` items per rank.
+            repeats go to different ranks; rank r takes items r, r + world_size, ... of that list (wrapping round
+            to its start when it runs out), ``items_per_rank`` of them.
     """
 
     def __init__(self, length: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, start: int = 0,
@@ -29,7 +51,7 @@ class ResumableSampler(Sampler):
         self.rank, self.world_size, self.start, self.repeats = rank, world_size, start, repeats
 
     def per_rank(self) -> int:
-        return self.length // self.world_size  # equal shards: every rank makes the same number of steps
+        return items_per_rank(self.length, self.world_size, self.repeats)  # every rank makes the same steps
 
     def __iter__(self):
         order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 10_007 + self.epoch))
@@ -38,7 +60,8 @@ class ResumableSampler(Sampler):
             return iter([(self.epoch, index) for index in mine[self.start:]])
         repeated = [(self.epoch * self.repeats + copy, index) for index in order.tolist()
                     for copy in range(self.repeats)]
-        return iter(repeated[self.rank::self.world_size][:self.per_rank()][self.start:])
+        positions = range(self.rank, self.per_rank() * self.world_size, self.world_size)
+        return iter([repeated[position % len(repeated)] for position in positions][self.start:])
 
     def __len__(self) -> int:
         return max(0, self.per_rank() - self.start)

@@ -298,11 +298,22 @@ class StepPlan:
     global_batch: int
 
 
-def plan_steps(trainer: DictConfig, dataset_size: int, world: int, epochs: int) -> StepPlan:
-    """Whole steps of ``trainer.batch_size x world x trainer.accum_steps`` images per epoch (every rank makes the
-    same number), for ``epochs`` epochs unless ``trainer.max_steps`` is set."""
+def plan_steps(trainer: DictConfig, dataset_size: int, world: int, epochs: int, per_rank: int | None = None,
+               keep_partial_batch: bool = False) -> StepPlan:
+    """Steps of ``trainer.batch_size x world x trainer.accum_steps`` images per epoch (every rank makes the same
+    number), for ``epochs`` epochs unless ``trainer.max_steps`` is set.
+
+    Args:
+        per_rank: the items each rank's sampler yields per epoch (default ``dataset_size // world``).
+        keep_partial_batch: an epoch ends with its partial last batch, as a ``DataLoader`` without ``drop_last``
+            gives it (SparK's fine-tuning); only without accumulation, otherwise only whole steps are kept.
+    """
     batch, accum = int(trainer.batch_size), int(trainer.accum_steps)
-    steps_per_epoch = dataset_size // world // (batch * accum)
+    per_rank = dataset_size // world if per_rank is None else per_rank
+    if keep_partial_batch and accum == 1:
+        steps_per_epoch = math.ceil(per_rank / batch)
+    else:
+        steps_per_epoch = per_rank // (batch * accum)
     if steps_per_epoch < 1:
         raise UsageError(f"{dataset_size} images are fewer than one step of {world} process(es) x batch {batch} x "
                          f"{accum} accumulation step(s); lower trainer.batch_size")

@@ -18,6 +18,7 @@ from sparkme.data.labelled import check_labelled_root
 from sparkme.engine.config_checks import check_logger, check_resume, check_trainer
 from sparkme.errors import UsageError
 from sparkme.finetune.recipes import FinetuneRecipe, recipe_for
+from sparkme.finetune.sync_bn import use_sync_bn
 
 
 def resolve_recipe(cfg: DictConfig) -> FinetuneRecipe:
@@ -86,6 +87,7 @@ def check_finetune_config(cfg: DictConfig) -> None:
     # the fine-tune's epochs are the recipe's (checked below)
     check_trainer(cfg, ("batch_size", "accum_steps", "eval_every", "eval_batch_size"), epochs_required=False)
     check_logger(cfg)
+    use_sync_bn(cfg.trainer.sync_bn, 1, torch.nn.Identity())  # the setting's type; the decision needs the model
     check_image_size(cfg.image_size)
     recipe = resolve_recipe(cfg)
     check_recipe(recipe)

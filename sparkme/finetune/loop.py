@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sparkme.data.labelled import check_labelled_root, labelled_splits
-from sparkme.data.sampling import ResumableSampler, SeededItems
+from sparkme.data.sampling import ResumableSampler, SeededItems, items_per_rank
 from sparkme.engine.core import (
     LoopRun,
     StepPlan,
@@ -50,6 +50,7 @@ from sparkme.finetune.optimizer import build_optimizer
 from sparkme.finetune.recipes import FinetuneRecipe
 from sparkme.finetune.report import confusion_matrix, per_class_table, save_confusion_png, topk_correct
 from sparkme.finetune.schedule import FinetuneSchedule
+from sparkme.finetune.sync_bn import use_sync_bn
 from sparkme.finetune.transforms import eval_transform, train_transform
 from sparkme.models.dense_weights import load_pretrained_dense
 
@@ -141,7 +142,7 @@ def build_classifier_training(cfg: DictConfig, recipe: FinetuneRecipe, num_class
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     classifier = classifier.to(dist_info.device, memory_format=memory_format)
     ema = ModelEmaV3(classifier, decay=recipe.ema_decay)  # before SyncBN, as SparK makes it
-    if cfg.trainer.sync_bn and dist_info.world_size > 1:
+    if use_sync_bn(cfg.trainer.sync_bn, dist_info.world_size, classifier):
         classifier = to_sync_batchnorm(classifier)
     lr = recipe.peak_lr(plan.global_batch)
     optimizer = build_optimizer(classifier, str(cfg.model), recipe, lr)
@@ -150,6 +151,15 @@ def build_classifier_training(cfg: DictConfig, recipe: FinetuneRecipe, num_class
     schedule = FinetuneSchedule(optimizer, lr, recipe.warmup_epochs * plan.steps_per_epoch, plan.total_steps)
     return ClassifierTraining(classifier, ema, trainer, schedule, build_mixup(recipe, num_classes),
                               build_loss(recipe))
+
+
+def finetune_plan(cfg: DictConfig, train_images: int, world_size: int, recipe: FinetuneRecipe) -> StepPlan:
+    """SparK's epoch: its samplers' count of images (``items_per_rank``: repeated augmentation keeps a multiple of
+    256) in batches of ``trainer.batch_size``, the partial last batch kept (``main.py`` takes ``iters_train`` from a
+    loader without ``drop_last``). With ``trainer.accum_steps`` > 1 (SparK has none) only whole steps."""
+    per_rank = items_per_rank(train_images, world_size, recipe.repeated_aug)
+    return plan_steps(cfg.trainer, train_images, world_size, recipe.epochs, per_rank=per_rank,
+                      keep_partial_batch=True)
 
 
 def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) -> FinetuneRun:
@@ -161,7 +171,7 @@ def _build(cfg: DictConfig, dist_info: DistInfo, lock: RunLock | None = None) ->
     layout = check_labelled_root(cfg.data.root, cfg.data.val_fraction)
     train_set, val_set, classes = labelled_splits(layout, train_transform(cfg.image_size),
                                                   eval_transform(cfg.image_size), cfg.seed)
-    plan = plan_steps(cfg.trainer, len(train_set), dist_info.world_size, recipe.epochs)
+    plan = finetune_plan(cfg, len(train_set), dist_info.world_size, recipe)
     parts = build_classifier_training(cfg, recipe, len(classes), plan, dist_info)
     return FinetuneRun(cfg=cfg, dist=dist_info, run_dir=Path(cfg.run_dir), trainer=parts.trainer,
                        tally=Tally(plan.global_batch), total_steps=plan.total_steps,
@@ -198,7 +208,10 @@ def _loader(run: FinetuneRun, epoch: int, start: int) -> DataLoader:
     sampler = ResumableSampler(len(run.train_set), cfg.seed, epoch, run.dist.rank, run.dist.world_size, start,
                                repeats=run.recipe.repeated_aug)
     # An explicit generator: creating the iterator must not draw from the global RNG (drop path draws from it).
-    return DataLoader(run.train_set, batch_size=cfg.trainer.batch_size, sampler=sampler, drop_last=True,
+    # SparK keeps the partial last batch (an odd one gets sample 0 prepended by the mixer); with accumulation the
+    # epoch keeps whole steps only (finetune_plan)
+    return DataLoader(run.train_set, batch_size=cfg.trainer.batch_size, sampler=sampler,
+                      drop_last=int(cfg.trainer.accum_steps) > 1,
                       num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
 
