@@ -167,6 +167,28 @@ class SparK(nn.Module):
 
 def build_spark(model_name: str, backend: str = "minkowski", source: str = "timm",
                 drop_path_rate: float | None = None, decoder_width: int = 768, mask_ratio: float = 0.6) -> SparK:
-    """SparK around a freshly initialised backbone ``model_name`` on sparse ``backend``."""
+    """SparK around a freshly initialised backbone ``model_name`` on sparse ``backend``: the main entry point.
+
+    The backbone (timm, or torchvision for its ResNets) is converted into a ``SparseEncoder`` that convolves only
+    the visible patches; SparK's densify layers (per-scale norm, mask token, projection) and ``LightDecoder`` (a
+    light UNet) are added on top. Calling the model on ``(B, 3, H, W)`` images (H, W multiples of 32) samples a
+    mask at ``mask_ratio`` and returns SparK's loss; ``model(images, mask)`` takes a ``(B, H/32, W/32)`` bool mask
+    (True = visible); ``model.encoder.to_dense()`` gives the plain backbone back, strict-loadable.
+
+    Args:
+        model_name: a timm name of a supported family (``sparkme.models.families``), e.g. ``"resnet50"``,
+            ``"convnext_small"``.
+        backend: ``"minkowski"``, ``"torch"`` (fastest on a CPU, needs only torch) or ``"masked"`` (SparK's
+            dense-times-mask formulation); all compute the same numbers.
+        source: ``"timm"`` or ``"torchvision"`` (ResNets).
+        drop_path_rate: stochastic depth; None takes SparK's pretraining rate for the model (0 for models SparK
+            never trained).
+        decoder_width: channels of the decoder's first block (SparK: 768), halved at every up-sampling.
+        mask_ratio: fraction of 32x32 patches hidden when the model samples the mask (SparK: 0.6).
+
+    Example:
+        >>> model = build_spark("resnet50", backend="torch")
+        >>> loss = model(torch.rand(2, 3, 224, 224))   # scalar; loss.backward() trains encoder and decoder
+    """
     encoder = SparseEncoder.from_dense(create_backbone(model_name, source, drop_path_rate), backend=backend)
     return SparK(encoder, LightDecoder(decoder_width), mask_ratio=mask_ratio)
