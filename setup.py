@@ -42,8 +42,12 @@ setup(
     extras_require={
         "slurm": ["hydra-submitit-launcher>=1.2"],
         "shards": ["webdataset>=0.2.100"],
+        # 3-D encoders. dynamic-network-architectures 0.4.3+ pins timm<1.0.23, which would downgrade the 2-D models'
+        # timm for everyone: 0.4.1-0.4.2 hold the same ResidualEncoderUNet without that pin.
+        "volumes": ["dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "hydra-submitit-launcher>=1.2", "scikit-learn>=1.3",
-                "webdataset>=0.2.100", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+                "webdataset>=0.2.100", "dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3",
+                "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={
         "console_scripts": [
