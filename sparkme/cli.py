@@ -50,7 +50,8 @@ def check_group_choices(argv: list[str], config_dir: Path = CONFIG_DIR) -> None:
         # hydra's sweep functions (choice(...), glob(...)) and interpolations are left to hydra itself
         if "." in key or "/" in key or not group.is_dir() or value in ("", "null") or any(c in value for c in "()[]${"):
             continue
-        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        # options in sub-folders too (model=volumes/resenc_l is conf/model/volumes/resenc_l.yaml)
+        choices = sorted(p.relative_to(group).with_suffix("").as_posix() for p in group.rglob("*.yaml"))
         for option in value.split(","):
             if option not in choices:
                 raise UsageError(f"unknown {key.lstrip('+~')} {option!r}; choose one of {', '.join(choices)} "

@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sparkme.engine.checkpoint import load_checkpoint
 from sparkme.errors import UsageError, run_reporting_usage_errors
 from sparkme.export_formats import ExportFormat, detectron2, mmdet
+from sparkme.export_volumes import MONAI_FORMAT, NNUNET_FORMAT, export_volume_state
 from sparkme.models.backbones import TORCHVISION_RESNETS
 from sparkme.models.encoder import SparseEncoder
 from sparkme.models.families import family_of
@@ -42,6 +43,7 @@ from sparkme.models.spark_layouts import (
     fit_pointwise_convs,
     sparkme_to_spark,
 )
+from sparkme.models.volumes import is_volume_model
 
 COMMAND = "sparkme-export"
 # The dense state dicts of ``export_state_dict`` (also pretraining's ``export_formats``); the command's whole list
@@ -58,6 +60,8 @@ def export_state_dict(encoder: SparseEncoder, model_name: str, fmt: str) -> dict
     Raises:
         UsageError: an unknown format, or one the backbone cannot take.
     """
+    if is_volume_model(model_name):  # 3D encoders: nnU-Net's and MONAI's layouts (sparkme.export_volumes)
+        return export_volume_state(encoder, model_name, fmt)
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     dense = encoder.to_dense()
@@ -183,6 +187,8 @@ EXPORT_FORMATS = MappingProxyType({fmt.name: fmt for fmt in (
     _dense("timm"),
     _dense("spark"),
     ExportFormat("spark_withdecoder", spark_withdecoder_state),
+    NNUNET_FORMAT,
+    MONAI_FORMAT,
     detectron2.FORMAT,
     mmdet.FORMAT,
 )})

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from sparkme.errors import UsageError
-from sparkme.models.volumes import resenc_unet, volume_model
+from sparkme.export_formats.base import ExportFormat
+from sparkme.models.volumes import VOLUME_MODELS, resenc_unet, volume_model
 
 VOLUME_FORMATS = ("nnunet", "monai")
 DECODER_SEED = 0  # the nnU-Net decoder's fresh weights: the same file for the same encoder
@@ -28,6 +29,14 @@ DECODER_SEED = 0  # the nnU-Net decoder's fresh weights: the same file for the s
 def default_volume_formats(model_name: str) -> list[str]:
     """What a run of ``model_name`` exports when ``data.export_formats`` is null: the format of its framework."""
     return ["nnunet"] if volume_model(model_name).resenc is not None else ["monai"]
+
+
+def export_formats_of(cfg) -> list[str]:
+    """The formats a pretraining run writes at its end: ``export_formats`` for images; for volumes
+    ``data.export_formats``, where null means the model's framework (``default_volume_formats``)."""
+    if cfg.data.get("spatial_dims") != 3:
+        return list(cfg.export_formats)
+    return list(cfg.data.get("export_formats") or default_volume_formats(cfg.model.model_name))
 
 
 def _input_channels(dense: nn.Module) -> int:
@@ -75,3 +84,20 @@ def export_volume_state(encoder, model_name: str, fmt: str) -> dict:
         raise UsageError(f"format={fmt!r} is a 2D format; 3D models export as {' or '.join(VOLUME_FORMATS)}")
     dense = encoder.to_dense()
     return nnunet_checkpoint(dense, model_name) if fmt == "nnunet" else monai_state(dense, model_name)
+
+
+def _check_family(fmt: str, wanted: str):
+    """The ``sparkme-export`` check of ``fmt``: refuse, before the model is rebuilt, a backbone of another framework
+    (``wanted``: ``resenc`` or ``monai``)."""
+    names = [n for n, entry in VOLUME_MODELS.items() if (entry.resenc is not None) == (wanted == "resenc")]
+
+    def check(model_name: str) -> None:
+        if model_name not in names:
+            raise UsageError(f"format={fmt} takes {', '.join(names)}, not {model_name!r}")
+    return check
+
+
+NNUNET_FORMAT = ExportFormat("nnunet", lambda model, name, _: export_volume_state(model.encoder, name, "nnunet"),
+                             _check_family("nnunet", "resenc"))
+MONAI_FORMAT = ExportFormat("monai", lambda model, name, _: export_volume_state(model.encoder, name, "monai"),
+                            _check_family("monai", "monai"))

@@ -136,3 +136,19 @@ def check_volumes(cfg: DictConfig, patch_size: int) -> None:
     if cfg.get("eval") is not None and (cfg.eval.get("every") or cfg.eval.get("root")):
         raise UsageError("eval.root / eval.every (the kNN monitor) classify 2D images and are not available with "
                          "data=volumes; leave them unset (the held-out loss is logged)")
+
+
+def check_data_fits_model(cfg: DictConfig, model) -> None:
+    """Volumes go with a 3D model and images with a 2D one; with volumes, ``check_volumes`` at the model's mask
+    block (``model``: the configured SparK model, built on the ``meta`` device)."""
+    volumes = cfg.data.get("spatial_dims") == 3
+    name = cfg.model.model_name
+    if volumes and getattr(model, "spatial_dims", 2) != 3:
+        from sparkme.models.volumes import VOLUME_MODELS
+
+        raise UsageError(f"data=volumes needs a 3D model ({', '.join(VOLUME_MODELS)}), got model {name!r}")
+    if not volumes and getattr(model, "spatial_dims", 2) == 3:
+        raise UsageError(f"model {name!r} is a 3D model: give it volumes with data=volumes data.root=/path "
+                         f"(got data={cfg.data.name})")
+    if volumes:
+        check_volumes(cfg, int(model.patch_size))

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sparkme.data.volumes_checks import check_data_fits_model
 from sparkme.engine.distributed import resolve_device
 from sparkme.engine.logging import WANDB_MODES
 from sparkme.errors import UsageError
@@ -88,6 +89,8 @@ def check_logger(cfg: DictConfig) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     """The data folder of ``data=imagefolder`` exists, holds images, and its first image decodes."""
+    if cfg.data.get("spatial_dims") == 3:
+        return  # volumes: checked with the model's mask block (check_data_fits_model)
     if "root" not in cfg.data.keys():
         return
     if OmegaConf.is_missing(cfg.data, "root"):
@@ -206,5 +209,6 @@ def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     check_eval(cfg)
     if build_model:
         model = check_model(cfg)
+        check_data_fits_model(cfg, model)
         check_resume(cfg, model)
         check_init(cfg, model)

@@ -42,10 +42,12 @@ from sparkme.engine.run_lock import RunLock
 from sparkme.engine.schedule import SparkSchedule
 from sparkme.evaluation.monitor import KnnMonitor
 from sparkme.export import export_state_dict
+from sparkme.export_volumes import export_formats_of
 from sparkme.files import save_atomic
 from sparkme.models.families import optimizer_overrides
 from sparkme.models.weights import load_init_weights
 from sparkme.visualize import save_reconstruction_grid
+from sparkme.volume_pictures import save_slice_grid
 
 log = logging.getLogger(__name__)
 RECONSTRUCTIONS = "reconstructions"
@@ -233,8 +235,10 @@ def _save_reconstruction(run: Run, metrics: dict | None) -> None:
     if metrics is None or run.logger is None or not due:
         return
     count = run.cfg.trainer.vis_images
-    path = save_reconstruction_grid(run.spark, run.fixed_images[:count], run.fixed_masks[:count],
-                                    run.run_dir / RECONSTRUCTIONS / f"step_{run.step:07d}.png")
+    volumes = getattr(run.spark, "spatial_dims", 2) == 3  # 3D: the mid-slices, three rows per volume
+    path = (save_slice_grid if volumes else save_reconstruction_grid)(
+        run.spark, run.fixed_images[:count], run.fixed_masks[:count],
+        run.run_dir / RECONSTRUCTIONS / f"step_{run.step:07d}.png")
     run.logger.log_image("reconstruction", path, step=run.step, caption="original | masked | reconstruction")
 
 
@@ -287,7 +291,7 @@ def _finish(run: Run, stopped_by: str | None) -> dict:
             run.logger.log({"holdout_loss": summary["holdout_loss_final"]}, step=total)
     _checkpoint(run)  # after the last line, so that a resume from it keeps the whole log
     if run.dist.is_main:
-        for fmt in run.cfg.export_formats:
+        for fmt in export_formats_of(run.cfg):
             path = run.run_dir / "export" / f"{run.cfg.model.model_name}_{fmt}.pt"
             save_atomic(export_state_dict(run.spark.encoder, run.cfg.model.model_name, fmt), path)
             summary[f"export_{fmt}"] = str(path)
