@@ -74,6 +74,10 @@ MUTATIONS = [
         "gather-gemm-float32-weight-grad-negated",
         "float32 weight gradient of the gather-GEMM conv negated (float64 untouched)",
         (_edit("sparkme/sparse/kernels.py",
+               ("            grad_weight = grad_weight.contiguous().to(saved_weight.dtype)\n",
+                "            grad_weight = grad_weight.contiguous().to(saved_weight.dtype)\n"
+                "            if grad_out.dtype == torch.float32:\n"
+                "                grad_weight = -grad_weight\n"),
                ("            grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous().to(saved_weight.dtype)\n",
                 "            grad_weight = grad_weight.permute(0, 3, 1, 2).contiguous().to(saved_weight.dtype)\n"
                 "            if grad_out.dtype == torch.float32:\n"
@@ -90,7 +94,11 @@ MUTATIONS = [
                ("    rows = x.visible_rows(x.features)\n    out = bn(rows[:, :, None, None])[:, :, 0, 0]\n",
                 "    everything = x.features.reshape(-1, x.num_channels)\n"
                 "    out = bn(everything[:, :, None, None])[:, :, 0, 0]\n"
-                "    out = x.visible_rows(out.reshape(x.features.shape))\n")),),
+                "    out = x.visible_rows(out.reshape(x.features.shape))\n"),
+               ("    out = bn(rows[:, :, None, None])[:, :, 0, 0]\n    return x.from_visible_rows(out)\n",
+                "    everything = x.features.reshape(-1, x.num_channels)\n"
+                "    out = bn(everything[:, :, None, None])[:, :, 0, 0]\n"
+                "    return x.from_visible_rows(x.visible_rows(out.reshape(x.features.shape)))\n")),),
         (("tests/test_ops_reference.py", "-k", "batch_norm"),)),
     Mutation(
         "densify-mask-token-everywhere",
@@ -131,7 +139,8 @@ MUTATIONS = [
         "reconstruct-pastes-at-visible-patches",
         "SparK.reconstruct pastes the prediction on visible patches and the input on hidden ones",
         (_edit("sparkme/models/spark.py",
-               ("torch.where(pixel_mask, images, predicted)", "torch.where(pixel_mask, predicted, images)")),),
+               ("torch.where(pixel_mask, images, predicted)", "torch.where(pixel_mask, predicted, images)"),
+               ("torch.where(pixel_mask, images, output)", "torch.where(pixel_mask, output, images)")),),
         (("tests/test_spark_model.py", "-k", "reconstruct"),)),
     Mutation(
         "convnext-block-skips-drop-path",
@@ -177,7 +186,8 @@ MUTATIONS = [
     Mutation(
         "reconstruct-forgets-the-patch-mean",
         "SparK.reconstruct un-normalises with the patch std but not its mean",
-        (_edit("sparkme/models/spark.py", (" * std + mean, h, w)", " * std, h, w)")),),
+        (_edit("sparkme/models/spark.py", (" * std + mean, h, w)", " * std, h, w)"),
+               (" * std + mean, mask.shape[1:]", " * std, mask.shape[1:]")),),
         (("tests/test_spark_model.py", "-k", "reconstruct"),), issue_table=False),
     Mutation(
         "depthwise-float32-weight-grad-x1.5",
@@ -195,7 +205,7 @@ MUTATIONS = [
                ("                grad_columns = (grad_out @ _weight_rows(weight)).reshape(-1, c_in)\n",
                 "                grad_columns = (grad_out @ _weight_rows(weight)).reshape(-1, c_in)\n"
                 "                if grad_out.dtype == torch.float32:\n"
-                "                    grad_columns = grad_columns.reshape(-1, k * k, c_in).clone()\n"
+                "                    grad_columns = grad_columns.reshape(grad_out.shape[0], -1, c_in).clone()\n"
                 "                    grad_columns[:, -1] = 0\n"
                 "                    grad_columns = grad_columns.reshape(-1, c_in)\n")),),
         (("tests/test_float32_gradients.py", "-k", "torch and s2"),), issue_table=False),
@@ -204,6 +214,41 @@ MUTATIONS = [
         "the SparK loss averages over the visible patches instead of the masked ones",
         (_edit("sparkme/models/spark.py", ("    hidden = (~mask).flatten(1)", "    hidden = mask.flatten(1)")),),
         (("tests/test_pretrain.py", "-k", "independent_spark_loss"),), issue_table=False),
+    # --- volumes (3-D) ---
+    Mutation(
+        "3d-instance-norm-over-all-sites",
+        "sparse instance / group norm divides by every site of the grid instead of the sample's visible ones",
+        (_edit("sparkme/sparse/ops.py",
+               ("    counts = (x.per_sample_count().to(features.dtype) * per_group)[:, None]",
+                "    counts = (torch.full_like(x.per_sample_count(), x.dense_mask()[0].numel()).to(features.dtype)"
+                " * per_group)[:, None]")),),
+        (("tests/test_volumes3d.py", "-k", "instance_norm_statistics"),), issue_table=False),
+    Mutation(
+        "3d-max-pool-over-masked-sites",
+        "the oracle's max pool lets masked sites (zeros) take part, as a zero-filled masked-dense pool does",
+        (_edit("sparkme/sparse/masked_backend.py",
+               ('torch.where(visible, self.unmasked_features, float("-inf"))',
+                'torch.where(visible, self.unmasked_features, 0.0)')),),
+        (("tests/test_volumes3d.py", "-k", "max_pool_with_negatives"),), issue_table=False),
+    Mutation(
+        "3d-mask-grid-finer-than-bottleneck",
+        "3-D SparK's mask cells are half the encoder's total stride (nnssl's 16^3 blocks on a stride-32 ResEnc)",
+        (_edit("sparkme/models/volumes.py",
+               ('    return entry.resenc.stage_strides[-1] if entry.resenc is not None else 32',
+                '    return entry.resenc.stage_strides[-1] // 2 if entry.resenc is not None else 16')),
+         _edit("sparkme/models/spark.py", ('        patch = levels[-1]["reduction"]\n',
+                                            '        patch = volume_patch_size(model_name)\n')),
+         _edit("sparkme/models/spark.py", ("from sparkme.models.volumes import create_volume_backbone, ",
+                                            "from sparkme.models.volumes import volume_patch_size, "
+                                            "create_volume_backbone, "))),
+        (("tests/test_volumes3d.py", "-k", "spark_rules"),), issue_table=False),
+    Mutation(
+        "3d-unmasked-input",
+        "the oracle's first convolution reads the unmasked volume (nnssl feeds the network the whole volume)",
+        (_edit("sparkme/sparse/masked_backend.py",
+               ("        return cls(context, 1, images.movedim(1, -1))",
+                "        return cls(context, 1, images.movedim(1, -1), already_masked=True)")),),
+        (("tests/test_volumes3d.py", "-k", "spark_rules"),), issue_table=False),
 ]
 
 

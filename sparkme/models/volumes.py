@@ -95,6 +95,12 @@ def volume_model(name: str) -> VolumeModel:
     return entry
 
 
+def volume_patch_size(name: str) -> int:
+    """The mask-cell side of model ``name``: its total stride (32 for ResEnc-L and the MONAI ResNets)."""
+    entry = volume_model(name)
+    return entry.resenc.stage_strides[-1] if entry.resenc is not None else 32
+
+
 def _resenc_unet_kwargs(config: ResEncConfig, in_chans: int) -> dict:
     from torch.nn import InstanceNorm3d, LeakyReLU
     return dict(input_channels=in_chans, n_stages=len(config.features), features_per_stage=list(config.features),
