@@ -44,9 +44,11 @@ setup(
         "shards": ["webdataset>=0.2.100"],
         # 3-D encoders. dynamic-network-architectures 0.4.3+ pins timm<1.0.23, which would downgrade the 2-D models'
         # timm for everyone: 0.4.1-0.4.2 hold the same ResidualEncoderUNet without that pin.
-        "volumes": ["dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3"],
+        "volumes": ["dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3", "nibabel>=5"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "hydra-submitit-launcher>=1.2", "scikit-learn>=1.3",
-                "webdataset>=0.2.100", "dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3",
+                "webdataset>=0.2.100", "dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3", "nibabel>=5",
+                # nnU-Net's own loader checks format=nnunet; with DNA < 0.4.3 pip picks nnunetv2 2.7 (timm unpinned)
+                "nnunetv2>=2.5",
                 "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={
