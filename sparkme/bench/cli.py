@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma list from {', '.join(BACKEND_NAMES)}; {REFERENCE} is always added")
     parser.add_argument("--ratios", type=_list_of(float, "mask ratios in [0, 1)"), default=list(DEFAULT_RATIOS))
     parser.add_argument("--batch-sizes", type=_list_of(int, "integers"), default=[8])
-    parser.add_argument("--image-size", type=int, default=224, help=f"square side, a multiple of {PATCH_SIZE}")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help=f"square side, a multiple of {PATCH_SIZE} (3-D models: the cube's side, a multiple of "
+                             "their patch size)")
+    parser.add_argument("--decoder-width", type=_positive_int, default=None,
+                        help="decoder's first width (default: 768 for images, 256 for volumes)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     settings = BenchSettings(  # checked before any work: a typo fails in a second
         args.models, args.backends, args.ratios, args.batch_sizes, args.image_size, args.repeats, args.warmup,
-        args.device, args.train_step, args.out, args.dense_layout, args.bf16)
+        args.device, args.train_step, args.out, args.dense_layout, args.bf16, args.decoder_width)
     if args.repeats < 3:
         print(f"note: --repeats {args.repeats} < 3: the medians are noisy", flush=True)
     if args.threads is not None:

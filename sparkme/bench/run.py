@@ -14,7 +14,7 @@ from sparkme.bench.report import format_table, write_results
 from sparkme.bench.settings import REFERENCE, BenchSettings
 from sparkme.bench.steps import REFERENCE_STEP, Variant
 from sparkme.bench.timing import median_ms, timed
-from sparkme.masking import PATCH_SIZE, num_visible, random_mask
+from sparkme.masking import PATCH_SIZE, num_visible_of, random_grid_mask, random_mask
 from sparkme.models.spark import SparK, dense_memory_format
 
 SEED = 0
@@ -38,14 +38,16 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
     rows: list[dict] = []
     for model_name in settings.models:
         torch.manual_seed(SEED)
-        model = steps.build_model(model_name, device, settings.decoder_width)
+        width = settings.decoder_width or steps.default_decoder_width(model_name)
+        model = steps.build_model(model_name, device, width)
         for batch in settings.batch_sizes:
             optimizer = steps.make_optimizer(model, model_name, batch) if settings.include_train_step else None
             for ratio in settings.ratios:
                 _progress(f"{model_name} batch {batch} ratio {ratio:g} on {device}")
-                images, mask = _inputs(batch, ratio, settings.image_size, device)
+                images, mask = _inputs(batch, ratio, settings.image_size, device, model)
                 measured = _measure(model, optimizer, all_variants, images, mask, settings.repeats, settings.warmup)
-                new_rows = _rows(model_name, all_variants, measured, images, ratio, settings.repeats, settings.warmup)
+                new_rows = _rows(model_name, all_variants, measured, images, ratio, settings.repeats, settings.warmup,
+                                 cells=mask[0].numel())
                 _progress("\n" + format_table(new_rows))  # long runs: each configuration's rows as soon as known
                 rows += new_rows
                 del images, mask, measured
@@ -59,9 +61,16 @@ def run_benchmark(settings: BenchSettings) -> list[dict]:
     return rows
 
 
-def _inputs(batch: int, ratio: float, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and mask seeded by the configuration only, so every variant sees the very same data."""
+def _inputs(batch: int, ratio: float, image_size: int, device: torch.device,
+            model: SparK | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (volumes ``image_size``^3 for a 3-D model) and mask seeded by the configuration only, so every variant
+    sees the very same data."""
     generator = torch.Generator().manual_seed(SEED + 1009 * batch + round(1000 * ratio))
+    if model is not None and model.spatial_dims == 3:
+        channels = model.decoder.proj.out_channels
+        volumes = torch.randn(batch, channels, image_size, image_size, image_size, generator=generator)
+        grid = (image_size // model.patch_size,) * 3
+        return volumes.to(device), random_grid_mask(batch, grid, ratio, generator=generator).to(device)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
     grid = image_size // PATCH_SIZE
     mask = random_mask(batch, grid, grid, ratio, generator=generator)
@@ -109,10 +118,9 @@ def _measure(model: SparK, optimizer: torch.optim.Optimizer | None, variants: li
 
 
 def _rows(model_name: str, variants: list[Variant], measured: dict, images: torch.Tensor, ratio: float,
-          repeats: int, warmup: int) -> list[dict]:
+          repeats: int, warmup: int, cells: int) -> list[dict]:
     batch, device = images.shape[0], images.device
-    grid = images.shape[-1] // PATCH_SIZE
-    visible = num_visible(grid, grid, ratio) / (grid * grid)
+    visible = num_visible_of(cells, ratio) / cells  # ``cells`` patches per sample
     enc_ms = {name: median_ms(m["enc"]) for name, m in measured.items() if m["enc"]}
     step_ms = {name: median_ms(m["step"]) for name, m in measured.items() if m["step"]}
     reference_ms = step_ms.get(REFERENCE_STEP)

@@ -8,14 +8,23 @@ from pathlib import Path
 
 import torch
 
-from sparkme.bench.steps import DECODER_WIDTH
 from sparkme.engine.config_checks import usable_backend
 from sparkme.engine.distributed import resolve_device
 from sparkme.errors import UsageError
-from sparkme.masking import check_image_size, check_mask_ratio
+from sparkme.masking import check_grid_size, check_image_size, check_mask_ratio
 from sparkme.models.backbones import check_model_name
 from sparkme.models.spark import DENSE_LAYOUTS
+from sparkme.models.volumes import is_volume_model, volume_model, volume_patch_size
 from sparkme.sparse.registry import BACKEND_NAMES
+
+
+def _checked_model(name: str) -> str:
+    """``name`` when it is a 3-D encoder whose library is installed or a timm model of a supported family."""
+    if is_volume_model(name):
+        volume_model(name)
+        return name
+    return check_model_name(name)
+
 
 REFERENCE = "masked"  # the backend every ratio is taken against
 DEFAULT_MODELS = ("resnet50", "convnext_small")
@@ -29,7 +38,8 @@ class BenchSettings:
     the reference), the device resolved.
 
     Attributes:
-        models: timm backbones of a supported family.
+        models: timm backbones of a supported family, or 3-D encoders (``volumes.VOLUME_MODELS``: then
+            ``image_size`` is the side of a cubic crop of one channel).
         backends: sparse backends to time.
         ratios: mask ratios in [0, 1).
         batch_sizes: images per step.
@@ -41,7 +51,8 @@ class BenchSettings:
         out_dir: folder for ``results.csv`` / ``results.json`` / ``speedup.png``; None writes nothing.
         dense_layout: ``SparK.dense_layout`` of the backends' steps (the reference step is always contiguous).
         bf16: run the backends' dense half under bf16 autocast (opt-in: changes the maths; not the reference).
-        decoder_width: the decoder's first width (the paper's 768; smaller only for smoke tests).
+        decoder_width: the decoder's first width (None: the paper's 768 for images, 256 for volumes; smaller only
+            for smoke tests).
     """
 
     models: Sequence[str] = DEFAULT_MODELS
@@ -56,7 +67,7 @@ class BenchSettings:
     out_dir: str | Path | None = "bench_results"
     dense_layout: str = "auto"
     bf16: bool = False
-    decoder_width: int = DECODER_WIDTH
+    decoder_width: int | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -65,11 +76,15 @@ class BenchSettings:
             raise UsageError("no mask ratio given; pass at least one in [0, 1), e.g. 0.6")
         if not self.batch_sizes:
             raise UsageError("no batch size given; pass at least one integer >= 1")
-        models = tuple(check_model_name(m) for m in dict.fromkeys(self.models))
+        models = tuple(_checked_model(m) for m in dict.fromkeys(self.models))
         backends = tuple(usable_backend(b) for b in dict.fromkeys([*self.backends, REFERENCE]))
         try:
             ratios = tuple(check_mask_ratio(r) for r in dict.fromkeys(self.ratios))
-            check_image_size(self.image_size, self.image_size)
+            for model in models:
+                if is_volume_model(model):
+                    check_grid_size((self.image_size,) * 3, volume_patch_size(model))
+                else:
+                    check_image_size(self.image_size, self.image_size)
         except ValueError as error:
             raise UsageError(str(error)) from error
         for batch in self.batch_sizes:

@@ -16,9 +16,11 @@ from sparkme.bench.timing import synchronize
 from sparkme.engine.fused_lamb import FusedLamb
 from sparkme.models.families import PRETRAIN_RECIPE, pretrain_betas
 from sparkme.models.spark import SparK, build_spark
+from sparkme.models.volumes import is_volume_model
 
 REFERENCE_STEP = "reference"  # masked backend, plain dense half: SparK's own step
 DECODER_WIDTH = 768  # the paper's
+VOLUME_DECODER_WIDTH = 256  # conf/model/volumes/*.yaml's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,14 @@ def variants(backends: list[str], dense_layout: str = "auto", bf16: bool = False
 
 
 def build_model(model_name: str, device: torch.device, decoder_width: int = DECODER_WIDTH) -> SparK:
-    """SparK around a fresh ``model_name`` (its family's drop-path rate), by default with the paper's decoder."""
+    """SparK around a fresh ``model_name`` (its family's drop-path rate), by default with the paper's decoder (3-D
+    models: one input channel)."""
     return build_spark(model_name, "masked", decoder_width=decoder_width).to(device).train()
+
+
+def default_decoder_width(model_name: str) -> int:
+    """The paper's 768 for images; 256 for volumes (their full-resolution decoder levels are cubes)."""
+    return VOLUME_DECODER_WIDTH if is_volume_model(model_name) else DECODER_WIDTH
 
 
 def make_optimizer(model: SparK, model_name: str, batch: int) -> torch.optim.Optimizer:

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from torch import nn
 
 from sparkme.errors import UsageError
+from sparkme.models import volumes
 
 RESNET_BETAS = (0.9, 0.95)
 CONVNEXT_BETAS = (0.9, 0.999)
@@ -128,8 +129,11 @@ def drop_path_rate(model_name: str, rate: float | None = None) -> float:
 
 
 def pretrain_betas(model_name: str, betas: tuple[float, float] | list[float] | None = None) -> tuple[float, float]:
-    """``betas``, or when None the pretraining optimizer's betas of ``model_name``'s family."""
-    return family_of(model_name).betas if betas is None else (float(betas[0]), float(betas[1]))
+    """``betas``, or when None the pretraining optimizer's betas of ``model_name``'s family (3-D encoders:
+    ``volumes.PRETRAIN_BETAS``)."""
+    if betas is not None:
+        return float(betas[0]), float(betas[1])
+    return volumes.PRETRAIN_BETAS if volumes.is_volume_model(model_name) else family_of(model_name).betas
 
 
 def optimizer_overrides(model_name: str, optimizer_cfg: Mapping) -> dict:

@@ -75,6 +75,10 @@ VOLUME_MODELS: Mapping[str, VolumeModel] = MappingProxyType({
     "monai_resnet50": VolumeModel("monai", "bn", monai_depth=50),
 })
 
+# LAMB/AdamW betas of 3-D pretraining: SparK's for its BN ResNets (beta2 0.95); ResEnc and MONAI's ResNets are the
+# same kind of plain conv net.
+PRETRAIN_BETAS = (0.9, 0.95)
+
 NUM_LEVELS = 4  # SparK's decoder reads the deepest four stages, as in 2-D (strides 4..32 of a 32 patch)
 
 
