@@ -49,6 +49,8 @@ setup(
                 "webdataset>=0.2.100", "dynamic-network-architectures>=0.4.1,<0.4.3", "monai>=1.3", "nibabel>=5",
                 # nnU-Net's own loader checks format=nnunet; with DNA < 0.4.3 pip picks nnunetv2 2.7 (timm unpinned)
                 "nnunetv2>=2.5",
+                # U-Nets on the exported encoders (format=smp; tests/test_segmentation_smp.py)
+                "segmentation-models-pytorch>=0.6",
                 "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={

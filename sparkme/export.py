@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sparkme.engine.checkpoint import load_checkpoint
 from sparkme.errors import UsageError, run_reporting_usage_errors
-from sparkme.export_formats import ExportFormat, detectron2, mmdet
+from sparkme.export_formats import ExportFormat, detectron2, mmdet, smp
 from sparkme.export_volumes import MONAI_FORMAT, NNUNET_FORMAT, export_volume_state
 from sparkme.models.backbones import TORCHVISION_RESNETS
 from sparkme.models.encoder import SparseEncoder
@@ -191,6 +191,7 @@ EXPORT_FORMATS = MappingProxyType({fmt.name: fmt for fmt in (
     MONAI_FORMAT,
     detectron2.FORMAT,
     mmdet.FORMAT,
+    smp.FORMAT,
 )})
 CLI_FORMATS = tuple(EXPORT_FORMATS)
 USAGE = f"usage: {COMMAND} ckpt=PATH out=PATH [format={'|'.join(CLI_FORMATS)}] [model=NAME]"
