@@ -3,9 +3,12 @@
     sparkme-probe model=resnet50 init=runs/spark_resnet50/checkpoints/latest.pt data.root=/data/flowers
     sparkme-probe model=resnet50 init=null data.root=/data/flowers          # the random-init baseline
 
-Arguments are ``key=value`` overrides of ``conf/probe.yaml``. Every setting, the data folder and the weights file are
-checked before any image is read (``check_probe_config``); a user error ends in one line,
-``sparkme-probe: error: ...``, with exit status 2. The table goes to the terminal, the figures to ``out`` (JSON).
+Arguments are ``key=value`` overrides of ``conf/probe.yaml``, read by hydra as ``sparkme-pretrain`` and
+``sparkme-finetune`` read theirs (``--cfg job``, ``--info``, ``--help``, ``-m`` anywhere on the line; the config is
+registered in hydra's ConfigStore, so ``model=`` is a setting here, not pretraining's config group). Every setting,
+the data folder and the weights file are checked before any image is read (``check_probe_config``); a user error
+ends in one line, ``sparkme-probe: error: ...``, with exit status 2. The table goes to the terminal, the figures to
+``out`` (JSON); nothing else is written but the feature cache (no hydra folders, no log file).
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparkme.cli import CONFIG_DIR
+from sparkme.cli import CONFIG_DIR, launch
 from sparkme.data.labelled import LabelledLayout, check_labelled_root, labelled_splits
 from sparkme.engine.distributed import resolve_device
 from sparkme.errors import UsageError, run_reporting_usage_errors
@@ -34,11 +39,19 @@ from sparkme.evaluation.features import (
 from sparkme.evaluation.knn import knn_accuracy
 from sparkme.evaluation.linear_probe import OPTIMIZERS, LinearProbeSettings, linear_probe
 from sparkme.files import write_atomic
+from sparkme.hydra_help import CommandHelp
 from sparkme.models.backbones import create_backbone
 from sparkme.models.dense_weights import load_pretrained_dense, random_init_report
 
 COMMAND = "sparkme-probe"
 CONFIG_FILE = CONFIG_DIR / "probe.yaml"
+CONFIG_NAME = "probe"
+HELP = CommandHelp(COMMAND, "kNN and linear probe of a frozen encoder on labelled images (docs/evaluation.md).",
+                   (("init=FILE", "the weights to evaluate (a sparkme checkpoint or export, SparK's); null: random"),
+                    ("data.root=FOLDER", "train/<class>/... and val/<class>/..., or one folder with "
+                                         "data.val_fraction=0.2"),
+                    ("model=NAME", "the timm (or torchvision, source=torchvision) model the weights are of")),
+                   "knn.k=10,20")
 
 
 def load_config(argv: list[str]) -> DictConfig:
@@ -163,8 +176,8 @@ def format_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def run(argv: list[str]) -> dict:
-    cfg = load_config(argv)
+def report(cfg: DictConfig) -> dict:
+    """Probe as ``cfg`` says, print the table and write the figures to ``cfg.out``."""
     results = probe(cfg)
     print(f"{cfg.model}, init={cfg.init}: {results['weights']}")
     print(format_table(results))
@@ -176,9 +189,36 @@ def run(argv: list[str]) -> dict:
     return results
 
 
+def run(argv: list[str]) -> dict:
+    """The probe from Python: ``argv`` are ``key=value`` overrides of ``conf/probe.yaml``."""
+    return report(load_config(argv))
+
+
+def store_config() -> None:
+    """``conf/probe.yaml`` as the primary config ``probe`` of hydra's ConfigStore, with hydra told to write
+    nothing: its run folder is the working one, no ``.hydra/`` records, no job log file."""
+    node = OmegaConf.load(CONFIG_FILE)
+    node.defaults = [{"override hydra/job_logging": "none"}, "_self_"]
+    node.hydra = {"run": {"dir": "."}, "output_subdir": None}
+    ConfigStore.instance().store(name=CONFIG_NAME, node=node)
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name=CONFIG_NAME)
+def _hydra_main(cfg: DictConfig) -> None:
+    run_reporting_usage_errors(COMMAND, lambda: report(cfg))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``sparkme-probe``."""
-    run_reporting_usage_errors(COMMAND, lambda: run(sys.argv[1:] if argv is None else argv))
+    """Entry point of ``sparkme-probe`` (``argv``: the arguments, for a call from Python; default the command
+    line's)."""
+    store_config()
+    saved = sys.argv
+    if argv is not None:
+        sys.argv = [COMMAND, *argv]
+    try:
+        launch(HELP, _hydra_main, config_dir=None, config_name=CONFIG_NAME)
+    finally:
+        sys.argv = saved
     return 0
 
 
