@@ -72,6 +72,7 @@ def _assert_close(ours, oracle, what):
 CASES = {  # model -> (batch, volume size, input channels)
     "resenc_tiny": (3, (32, 32, 32), 2),
     "monai_resnet10": (3, (64, 32, 32), 1),
+    "monai_segresnet": (2, (16, 16, 16), 1),  # GroupNorm, pre-activation blocks; total stride 8
 }
 
 

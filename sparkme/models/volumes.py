@@ -7,6 +7,9 @@ Each entry names the dense module the sparse encoder is converted from and expor
   under ``encoder.`` (see ``resenc_unet``).
 - ``monai_resnet*``: ``monai.networks.nets.ResNet`` with a stride-2 7x7x7 stem (MONAI's default stem has stride 1,
   which would leave the deepest stage at stride 16 of a 32-voxel patch grid).
+- ``monai_segresnet``: ``monai.networks.nets.SegResNet`` (GroupNorm(8), pre-activation blocks, init_filters 16,
+  blocks 1, 2, 2, 4: total stride 8); the encoder is its ``convInit`` and ``down_layers``, the decoder is exported
+  untouched.
 
 The heavy libraries are imported when a model is built: ``pip install sparkme[volumes]``.
 """
@@ -53,12 +56,14 @@ class VolumeModel:
             norm, the encoder's own kind, as nnssl) or ``bn`` (sparse BatchNorm, SparK's for BN ResNets).
         resenc: the ResEnc configuration, or None for MONAI's ResNets.
         monai_depth: 10, 18 or 50 for ``monai.networks.nets.resnet<depth>``.
+        segresnet_blocks: the ``blocks_down`` of a MONAI ``SegResNet``, or None.
     """
 
     library: str
     densify_norm: str
     resenc: ResEncConfig | None = None
     monai_depth: int | None = None
+    segresnet_blocks: tuple[int, ...] | None = None
 
 
 RESENC_L = ResEncConfig(features=(32, 64, 128, 256, 320, 320), strides=(1, 2, 2, 2, 2, 2), blocks=(1, 3, 4, 6, 6, 6),
@@ -73,7 +78,9 @@ VOLUME_MODELS: Mapping[str, VolumeModel] = MappingProxyType({
     "monai_resnet10": VolumeModel("monai", "bn", monai_depth=10),
     "monai_resnet18": VolumeModel("monai", "bn", monai_depth=18),
     "monai_resnet50": VolumeModel("monai", "bn", monai_depth=50),
+    "monai_segresnet": VolumeModel("monai", "in", segresnet_blocks=(1, 2, 2, 4)),
 })
+SEGRESNET_WIDTH = 16  # SegResNet's init_filters: stage i has 16 * 2**i channels
 
 # LAMB/AdamW betas of 3-D pretraining: SparK's for its BN ResNets (beta2 0.95); ResEnc and MONAI's ResNets are the
 # same kind of plain conv net.
@@ -102,6 +109,8 @@ def volume_model(name: str) -> VolumeModel:
 def volume_patch_size(name: str) -> int:
     """The mask-cell side of model ``name``: its total stride (32 for ResEnc-L and the MONAI ResNets)."""
     entry = volume_model(name)
+    if entry.segresnet_blocks is not None:
+        return 2 ** (len(entry.segresnet_blocks) - 1)
     return entry.resenc.stage_strides[-1] if entry.resenc is not None else 32
 
 
@@ -134,6 +143,9 @@ def create_volume_backbone(name: str, in_chans: int = 1) -> nn.Module:
         kwargs = _resenc_unet_kwargs(entry.resenc, in_chans)
         return ResidualEncoder(**kwargs, return_skips=True, disable_default_stem=False)
     from monai.networks import nets
+    if entry.segresnet_blocks is not None:
+        return nets.SegResNet(spatial_dims=3, init_filters=SEGRESNET_WIDTH, in_channels=in_chans, out_channels=2,
+                              blocks_down=entry.segresnet_blocks)
     return getattr(nets, f"resnet{entry.monai_depth}")(spatial_dims=3, n_input_channels=in_chans, conv1_t_stride=2)
 
 
@@ -144,6 +156,9 @@ def volume_feature_levels(name: str, model: nn.Module) -> list[dict]:
         config = entry.resenc
         levels = [dict(module=f"stages.{i}", reduction=stride, num_chs=width)
                   for i, (stride, width) in enumerate(zip(config.stage_strides, config.features))]
+    elif entry.segresnet_blocks is not None:
+        levels = [dict(module=f"down_layers.{i}", reduction=2**i, num_chs=SEGRESNET_WIDTH * 2**i)
+                  for i in range(len(entry.segresnet_blocks))]
     else:
         levels = []
         for i, stride in enumerate((4, 8, 16, 32), start=1):
