@@ -1,5 +1,6 @@
 """The documentation site builds with ``mkdocs build --strict`` (a broken link or anchor, a page missing from the nav,
-an API name that no longer imports all fail it), and the README's links point at files that exist.
+an API name that no longer imports all fail it), every picture a rendered page shows exists (the home page shows at
+least one), and the README's links and pictures point at files that exist.
 
 Needs the ``dev`` extra (mkdocs, mkdocs-material, mkdocstrings[python]); ``tools/setup_env.sh`` installs it.
 """
@@ -14,6 +15,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 LINK = re.compile(r"\]\(([^)\s]+)\)")
+IMG = re.compile(r"<img\b[^>]*?\bsrc=\"([^\"]+)\"")
+
+
+def missing_images(site: Path) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """For every rendered page of ``site``: the ``<img>`` sources that point at no file, and the count of images."""
+    missing, counts = {}, {}
+    for page in sorted(site.rglob("*.html")):
+        name = str(page.relative_to(site))
+        sources = [src for src in IMG.findall(page.read_text()) if not re.match(r"^(https?:|data:)", src)]
+        counts[name] = len(sources)
+        gone = [src for src in sources if not (page.parent / src.split("#", 1)[0]).resolve().is_file()]
+        if gone:
+            missing[name] = gone
+    return missing, counts
 
 
 def test_site_builds_strictly(tmp_path):
@@ -26,8 +41,13 @@ def test_site_builds_strictly(tmp_path):
     for page in ("index.html", "installing/index.html", "pretraining/index.html", "api/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("SparseEncoder", "build_spark", "load_weights", "export_state_dict"):
+    for name in ("SparseEncoder", "build_spark", "load_weights", "export_state_dict", "LightDecoder", "SparseMap",
+                 "recipe_for", "KnnMonitor"):
         assert name in api, f"the API reference lost {name}"
+    missing, counts = missing_images(tmp_path / "site")
+    assert not missing, f"pages show pictures that do not exist: {missing}"
+    assert counts["index.html"] >= 1, "the home page shows no picture"
+    assert counts["pretraining/index.html"] >= 1 and counts["performance/index.html"] >= 1
 
 
 def test_readme_links_point_at_existing_files():

@@ -35,8 +35,9 @@ def _figure(width: float, height: float):
     return figure
 
 
-def reconstruction(run: Path, steps: list[int], out: Path, images: int) -> None:
+def reconstruction(run: Path, steps: list[int], out: Path, images: int, scale: int) -> None:
     import torch
+    import torch.nn.functional as F
     from omegaconf import OmegaConf, open_dict
     from torchvision.utils import save_image
 
@@ -66,6 +67,7 @@ def reconstruction(run: Path, steps: list[int], out: Path, images: int) -> None:
             columns += [original, masked]
         columns.append(rebuilt)
     grid = torch.stack([denormalize(c) for c in columns], dim=1).flatten(0, 1)
+    grid = F.interpolate(grid, scale_factor=scale, mode="nearest")  # small CPU images, readable on a page
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(grid, out, nrow=len(columns), padding=2, pad_value=1.0)
     print(f"{out}: rows = images, columns = original | masked | reconstruction at steps {', '.join(map(str, steps))}")
@@ -78,7 +80,10 @@ def curves(run: Path, out: Path) -> None:
     figure = _figure(7.0, 3.6)
     axes = figure.add_subplot()
     axes.plot(*zip(*loss), label="training loss (mean over the logging interval)")
-    axes.plot(*zip(*held), "o-", label="held-out loss (fixed images and masks)")
+    # the run measures the held-out loss at its start and its end only: points, not a line
+    axes.plot(*zip(*held), "o", markersize=8, label="held-out loss (fixed held-out images and masks)")
+    for step, value in held:
+        axes.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(6, 6))
     axes.set_xlabel("step")
     axes.set_ylabel("SparK loss (per-patch normalised MSE)")
     axes.grid(True, alpha=0.3)
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--run", type=Path, required=True)
     one.add_argument("--steps", type=int, nargs="+", required=True)
     one.add_argument("--images", type=int, default=4)
+    one.add_argument("--scale", type=int, default=2, help="enlarge each picture this many times (nearest)")
     one.add_argument("--out", type=Path, required=True)
     two = commands.add_parser("curves", help="loss and held-out loss of a run")
     two.add_argument("--run", type=Path, required=True)
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     three.add_argument("--title", default="", help="e.g. the CPU and the settings of the benchmark")
     args = parser.parse_args(argv)
     if args.command == "reconstruction":
-        reconstruction(args.run, args.steps, args.out, args.images)
+        reconstruction(args.run, args.steps, args.out, args.images, args.scale)
     elif args.command == "curves":
         curves(args.run, args.out)
     else:

@@ -9,11 +9,11 @@ RUNS="${1:-runs/docs}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=disabled
 PRETRAIN=(nice -n 10 .venv/bin/sparkme-pretrain logger.wandb_mode=disabled trainer.progress=false)
 # the demo, as tools/demo.sh runs it (384 steps), keeping its weights at steps 128, 256 and 384
-"${PRETRAIN[@]}" experiment=demo trainer.keep_every=128 run_dir="$RUNS/demo"
-# the same settings for twice as long (768 steps), weights kept every 192 steps
-"${PRETRAIN[@]}" experiment=demo trainer.epochs=24 trainer.keep_every=192 run_dir="$RUNS/demo_long"
+"${PRETRAIN[@]}" experiment=demo trainer.ckpt_every=128 trainer.keep_every=128 run_dir="$RUNS/demo"
+# the same settings for 1.5 times as long (576 steps, about 10 CPU minutes), weights kept every 144 steps
+"${PRETRAIN[@]}" experiment=demo trainer.epochs=18 trainer.ckpt_every=144 trainer.keep_every=144 run_dir="$RUNS/demo_long"
 .venv/bin/python tools/docs_pictures.py curves --run "$RUNS/demo" --out docs/assets/demo_loss.png
-.venv/bin/python tools/docs_pictures.py reconstruction --run "$RUNS/demo_long" --steps 0 192 768 \
+.venv/bin/python tools/docs_pictures.py reconstruction --run "$RUNS/demo_long" --steps 0 144 576 \
     --out docs/assets/reconstruction.png
 .venv/bin/python tools/docs_pictures.py speed --bench docs/bench/2026-11-29_whole_step.txt \
     --out docs/assets/speedup.png \

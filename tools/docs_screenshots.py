@@ -1,8 +1,8 @@
 """Screenshots of the documentation site in headless Chromium, to check that it looks right (not part of CI).
 
     python tools/docs_screenshots.py                 # builds the site into a temporary folder, writes the PNGs
-    python tools/docs_screenshots.py --out shots --pages index pretraining backends
-    python tools/docs_screenshots.py --out docs/assets/screenshots --small   # the committed ones (128 colours)
+    python tools/docs_screenshots.py --out shots --pages index pretraining performance
+    python tools/docs_screenshots.py --out shots --small   # 128-colour PNGs, a third of the size
 
 Builds the site with ``mkdocs build --strict`` (the ``dev`` extra), then opens each page from disk in Debian's
 ``chromium`` (``apt-get install chromium``), headless, with a fresh profile and nothing that reaches the network,
@@ -40,7 +40,7 @@ def screenshot(browser: str, page: Path, png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs_screenshots"), help="folder for the PNGs")
-    parser.add_argument("--pages", nargs="+", default=["index", "pretraining"],
+    parser.add_argument("--pages", nargs="+", default=["index", "pretraining", "performance"],
                         help="page names (docs/<name>.md), 'index' for the home page")
     parser.add_argument("--site", type=Path, help="an already built site (default: build one now)")
     parser.add_argument("--browser", default=shutil.which("chromium") or "chromium")
