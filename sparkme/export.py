@@ -9,7 +9,8 @@ the untrained original). ``format=timm``: the classifier head is excluded; loads
 ConvNeXt (facebookresearch keys, no head). ``format=spark_withdecoder`` (command line only): the whole model in
 SparK's ``*_withdecoder_1kpretrained_spark_style.pth`` layout (``{'module': ..., 'arch', 'input_size', ...}``), for
 SparK's ``--init_weight`` and its reconstruction notebook. ``format=detectron2`` (ResNets) and ``format=mmdet``
-(ConvNeXt): what SparK's detection code loads (``sparkme.export_formats``).
+(ConvNeXt): what SparK's detection code loads; ``format=smp``: segmentation_models_pytorch's ``tu-`` encoders
+(``sparkme.export_formats``, one module per format).
 
 ``ckpt=`` is a sparkme pretraining checkpoint, or with ``model=NAME`` any weights file ``load_weights`` reads
 (SparK's released ``*_1kpretrained_timm_style.pth`` / ``*_official_style.pth``, a ``format=timm`` export).
