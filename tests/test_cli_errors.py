@@ -77,6 +77,13 @@ CASES = {
     "export_corrupt": ("sparkme-export", ["ckpt={garbage}", "out={dir}/x.pt"], "is not a loadable sparkme"),
     "export_missing": ("sparkme-export", ["ckpt={dir}/missing.pt", "out={dir}/x.pt"], "missing.pt"),
     "bench_ratio": ("sparkme-bench", ["--models", "resnet18", "--ratios", "1.5"], "1.5"),
+    "unknown_setting": ("sparkme-pretrain", ["eval.k=20"],
+                        "unknown setting 'eval.k' in 'eval.k=20': eval has every, per_class, root"),
+    "unknown_setting_after_flag": ("sparkme-pretrain", ["--cfg", "job", "trainer.epoch=3"],
+                                   "unknown setting 'trainer.epoch'"),
+    "finetune_unknown_setting": ("sparkme-finetune", ["recipe.epoch=3"],
+                                 "unknown setting 'recipe.epoch' in 'recipe.epoch=3': recipe has base_lr"),
+    "probe_unknown_setting": ("sparkme-probe", ["knn.kk=3"], "unknown setting 'knn.kk' in 'knn.kk=3': knn has chunk"),
 }
 
 
@@ -97,3 +104,4 @@ def test_bad_input_is_one_error_line_with_exit_status_2(case, files, tmp_path):
     assert len(error_lines) == 1, output
     assert expected in error_lines[0], output
     assert not (tmp_path / "run" / "checkpoints").exists(), "the run started before the error was found"
+    assert set(os.listdir(tmp_path)) <= {"run", "multirun"}, "written outside run_dir"
