@@ -188,3 +188,18 @@ def test_a_missing_shard_ends_sparkme_pretrain_in_one_line(shards, tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"sparkme-pretrain: error: data.urls: shard '{shards}/train-000008.tar' does not exist; give existing .tar "
         "shards, a brace pattern (train-{000000..000099}.tar) or pipe:<command>"]
+
+
+def test_the_torchvision_decoder_reads_jpegs_and_leaves_other_formats_to_pil():
+    from sparkme.data.shards.stream import decode
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 40, 90)).save(encoded, format="JPEG", quality=95)
+    tensor, _ = decode(encoded.getvalue(), "torchvision")
+    pil, _ = decode(encoded.getvalue(), "pil")
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (3, 8, 16) and tensor.dtype == torch.uint8
+    assert (tensor.int() - torch.tensor(list(pil.getdata())).T.reshape(3, 8, 16)).abs().max() <= 2
+    assert isinstance(decode(_png(7), "torchvision")[0], Image.Image)
+    assert decode(b"\xff\xd8 broken", "torchvision")[0] is None
+    with pytest.raises(UsageError, match="data.decoder must be one of pil, torchvision, got 'turbo'"):
+        ShardImages(str(Path(__file__)), _number, decoder="turbo")
