@@ -36,7 +36,7 @@ from sparkme.export_volumes import MONAI_FORMAT, NNUNET_FORMAT, export_volume_st
 from sparkme.models.backbones import TORCHVISION_RESNETS
 from sparkme.models.encoder import SparseEncoder
 from sparkme.models.families import family_of
-from sparkme.models.spark import SparK
+from sparkme.models.spark import SparK, build_spark
 from sparkme.models.spark_layouts import (
     backbone_family,
     convnext_official_to_timm,
@@ -150,8 +150,6 @@ def model_from_weights(path: str | Path, model_name: str, check: Callable[[str],
     family_of(model_name)
     if check is not None:
         check(model_name)
-    from sparkme.models import build_spark
-
     model = build_spark(model_name, backend="torch")
     report = model.load_weights(path)
     if whole and report.kept:

@@ -221,3 +221,20 @@ def test_mmdet_refuses_other_families_in_one_line(name, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("sparkme-export: error: format=mmdet writes SparK's MMDetection ConvNeXt") and name in err
+
+
+# --- model=NAME: exports from files that are not sparkme checkpoints -------------------------------------------
+
+@pytest.mark.slow
+def test_model_argument_names_what_is_wrong_in_one_line(tmp_path, capsys):
+    released = tmp_path / "resnet18_1kpretrained_timm_style.pth"
+    torch.save(random_state(timm_resnet_shapes("resnet18"), seed=9), released)
+    cases = {("model=resnet1800", "format=timm"): "unknown model 'resnet1800'",
+             ("model=resnet34", "format=timm"): "do not fit this model",
+             ("model=resnet18", "format=spark_withdecoder"): "holds the encoder only"}
+    for extra, expected in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main([f"ckpt={released}", f"out={tmp_path / 'x.pt'}", *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, (extra, err)
+    assert not (tmp_path / "x.pt").exists()
