@@ -8,9 +8,10 @@
 stages, transposed convolutions and heads (``decoder.stages.*``, ``decoder.transpconvs.*``, ``decoder.seg_layers.*``)
 are new, freshly initialised with a fixed seed: SparK's light decoder is a different network and is not carried.
 
-``format=monai`` (``monai_resnet*``): the encoder's state dict without the classifier (``fc``), which loads
-``strict=True`` into ``monai.networks.nets.resnet<depth>(spatial_dims=3, n_input_channels=C, feed_forward=False)``
-(pretraining used ``conv1_t_stride=2``; pass it too to keep the same feature strides: the weights are the same).
+``format=monai`` (``monai_*``): for ``monai_resnet*`` the encoder's state dict without the classifier (``fc``), which
+loads ``strict=True`` into ``monai.networks.nets.resnet<depth>(spatial_dims=3, n_input_channels=C,
+feed_forward=False)`` (pretraining used ``conv1_t_stride=2``; pass it too to keep the same feature strides: the
+weights are the same); for ``monai_segresnet`` the whole ``SegResNet`` (its decoder untouched by pretraining).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from sparkme.errors import UsageError
 from sparkme.export_formats.base import ExportFormat
-from sparkme.models.volumes import VOLUME_MODELS, resenc_unet, volume_model
+from sparkme.models.volumes import VOLUME_MODELS, create_volume_backbone, resenc_unet, volume_model
 
 VOLUME_FORMATS = ("nnunet", "monai")
 DECODER_SEED = 0  # the nnU-Net decoder's fresh weights: the same file for the same encoder
@@ -28,7 +29,7 @@ DECODER_SEED = 0  # the nnU-Net decoder's fresh weights: the same file for the s
 
 def default_volume_formats(model_name: str) -> list[str]:
     """What a run of ``model_name`` exports when ``data.export_formats`` is null: the format of its framework."""
-    return ["nnunet"] if volume_model(model_name).resenc is not None else ["monai"]
+    return ["monai"] if volume_model(model_name).library == "monai" else ["nnunet"]
 
 
 def export_formats_of(cfg) -> list[str]:
@@ -59,11 +60,19 @@ def nnunet_checkpoint(dense: nn.Module, model_name: str) -> dict:
 
 
 def monai_state(dense: nn.Module, model_name: str) -> dict[str, torch.Tensor]:
-    """The MONAI ResNet's state dict without ``fc``, checked by a strict load into MONAI's own model."""
-    depth = volume_model(model_name).monai_depth
-    if depth is None:
-        raise UsageError(f"format=monai is MONAI's ResNet (monai_resnet* models); use format=nnunet for "
+    """The MONAI network's state dict, checked by a strict load into MONAI's own model: a ResNet without ``fc``;
+    another MONAI network (SegResNet) whole, into a fresh one of the same configuration."""
+    entry = volume_model(model_name)
+    if entry.library != "monai":
+        raise UsageError(f"format=monai is for MONAI's networks (monai_* models); use format=nnunet for "
                          f"{model_name!r}")
+    depth = entry.monai_depth
+    if depth is None:
+        state = dense.state_dict()
+        with torch.device("meta"):
+            create_volume_backbone(model_name, _input_channels(dense)).load_state_dict(state, strict=True,
+                                                                                       assign=True)
+        return state
     from monai.networks import nets
 
     state = {k: v for k, v in dense.state_dict().items() if not k.startswith("fc.")}
@@ -89,7 +98,8 @@ def export_volume_state(encoder, model_name: str, fmt: str) -> dict:
 def _check_family(fmt: str, wanted: str):
     """The ``sparkme-export`` check of ``fmt``: refuse, before the model is rebuilt, a backbone of another framework
     (``wanted``: ``resenc`` or ``monai``)."""
-    names = [n for n, entry in VOLUME_MODELS.items() if (entry.resenc is not None) == (wanted == "resenc")]
+    names = [n for n, entry in VOLUME_MODELS.items()
+             if (entry.resenc is not None if wanted == "resenc" else entry.library == "monai")]
 
     def check(model_name: str) -> None:
         if model_name not in names:

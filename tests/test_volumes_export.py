@@ -105,8 +105,16 @@ def test_monai_state_loads_strictly_into_monais_resnet(name, depth):
 
 
 @pytest.mark.parametrize("name, fmt, words", [("monai_resnet10", "nnunet", "resenc_"),
-                                              ("resenc_tiny", "monai", "monai_resnet"),
+                                              ("resenc_tiny", "monai", "monai_"),
                                               ("resenc_tiny", "timm", "2D format")])
 def test_a_format_the_model_cannot_take_is_a_usage_error(name, fmt, words):
     with pytest.raises(UsageError, match=words):
         export_volume_state(DenseOnly(create_volume_backbone(name)), name, fmt)
+
+
+def test_monai_segresnet_state_loads_strictly_into_monais_segresnet():
+    dense = _pretrained("monai_segresnet")
+    state = export_volume_state(DenseOnly(dense), "monai_segresnet", "monai")
+    model = nets.SegResNet(spatial_dims=3, in_channels=1, init_filters=16, blocks_down=(1, 2, 2, 4))
+    model.load_state_dict(state, strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
