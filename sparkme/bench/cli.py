@@ -91,7 +91,7 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Bad settings end as one line ``sparkme-bench: error: ...`` and exit status 2, before any work."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words[:1] == ["loader"]:  # the data loader's own benchmark (sparkme.bench.loader)
+    if words[:1] in (["loader"], ["soak"]):  # the data loader's and the long run's own (sparkme.bench.loader, .soak)
         return importlib.import_module(f"sparkme.bench.{words[0]}").main(words[1:])
     args = build_parser().parse_args(argv)
     run_reporting_usage_errors(PROG, lambda: _run(args))

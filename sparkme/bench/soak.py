@@ -1,0 +1,154 @@
+"""``sparkme-bench soak``: a long pretraining run per backend on small images, watching host memory and step time.
+
+    sparkme-bench soak --backends torch,masked,minkowski,ddp --steps 3000
+
+Each backend runs ``sparkme-pretrain`` (``debug=fast`` at ``--image-size`` px on the bundled photos; ``ddp``: the
+``torch`` backend on two torchrun ranks over gloo) in its own process; every ``--every`` steps (read from its
+``metrics.jsonl``) the resident memory of the whole process tree is sampled. After ``--warmup`` steps:
+
+- **RSS slope**: the least-squares slope of the samples, in MB per 1,000 steps (a leak shows as a steady slope;
+  target < 5);
+- **step-time drift**: the mean step time of the last third of the samples against the first third, in %.
+
+Results: a table on stdout and ``soak.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sparkme.bench.report import cpu_model
+from sparkme.errors import UsageError, run_reporting_usage_errors
+
+PROG = "sparkme-bench soak"
+BACKENDS = ("torch", "masked", "minkowski", "ddp")
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(child) for child in found]
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MB (10^6 bytes)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        pending.extend(_children(current))
+    return total / 1e6
+
+
+def _last_step(metrics: Path) -> int | None:
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        if line.endswith("}") and '"loss"' in line:
+            return int(json.loads(line)["step"])
+    return None
+
+
+def _command(backend: str, run_dir: Path, steps: int, every: int, image_size: int) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29655"] if backend == "ddp" \
+        else []
+    engine = "torch" if backend == "ddp" else backend
+    return [sys.executable, *launcher, "-m", "sparkme.cli", "debug=fast", f"backend={engine}", "trainer.device=cpu",
+            f"image_size={image_size}", f"trainer.max_steps={steps}",
+            f"trainer.log_every={every}", "trainer.vis_every=0", "trainer.ckpt_every=0", "export_formats=[]",
+            "data.dataset.crops_per_epoch=4096", f"run_dir={run_dir}"]
+
+
+def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` over ``xs``."""
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread if spread else 0.0
+
+
+def soak(backend: str, steps: int, warmup: int, every: int, image_size: int) -> dict:
+    """Run one backend; its samples and figures."""
+    with tempfile.TemporaryDirectory() as temporary:
+        run_dir = Path(temporary) / backend
+        process = subprocess.Popen(_command(backend, run_dir, steps, every, image_size), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+        samples: list[tuple[int, float, float]] = []  # (step, seconds, MB)
+        while process.poll() is None:
+            step = _last_step(run_dir / "metrics.jsonl")
+            if step is not None and (not samples or step > samples[-1][0]):
+                samples.append((step, time.perf_counter(), tree_rss_mb(process.pid)))
+            time.sleep(0.05)
+        _, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"the {backend} soak run failed: {stderr[-3000:]}")
+    kept = [s for s in samples if s[0] >= warmup]
+    if len(kept) < 3:
+        raise RuntimeError(f"{backend}: only {len(kept)} samples after the warm-up; lower --every or --warmup")
+    slope = fit_slope([s[0] for s in kept], [s[2] for s in kept]) * 1000
+    third = max(2, len(kept) // 3)
+
+    def step_s(part: list[tuple[int, float, float]]) -> float:
+        return (part[-1][1] - part[0][1]) / max(1, part[-1][0] - part[0][0])
+
+    first, last = step_s(kept[:third]), step_s(kept[-third:])
+    return {"backend": backend, "steps": steps, "warmup": warmup, "samples": len(kept),
+            "rss_mb_start": kept[0][2], "rss_mb_end": kept[-1][2], "rss_slope_mb_per_1000_steps": slope,
+            "step_ms_first_third": 1000 * first, "step_ms_last_third": 1000 * last,
+            "step_time_drift_pct": 100 * (last - first) / first if first else 0.0,
+            "trace": [list(s) for s in samples]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list from {', '.join(BACKENDS)}")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=500, help="steps left out of the figures")
+    parser.add_argument("--every", type=int, default=50, help="steps between memory samples")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--out", default="soak_results", help="folder for soak.json")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+        unknown = [name for name in backends if name not in BACKENDS]
+        if unknown or not backends:
+            raise UsageError(f"--backends: unknown {', '.join(unknown) or 'empty list'}; choose from "
+                             f"{', '.join(BACKENDS)}")
+        if not 0 <= args.warmup < args.steps or args.every < 1:
+            raise UsageError(f"need 0 <= --warmup < --steps and --every >= 1, got --warmup {args.warmup} --steps "
+                             f"{args.steps} --every {args.every}")
+        print(f"CPU: {cpu_model()}; {args.steps} steps at {args.image_size} px, batch 2, figures after "
+              f"{args.warmup}", flush=True)
+        print("| backend | RSS after warm-up (MB) | RSS at end (MB) | RSS slope (MB / 1,000 steps) | step ms (first "
+              "third -> last third) | drift |")
+        print("|---|---|---|---|---|---|", flush=True)
+        results = []
+        for backend in backends:
+            result = soak(backend, args.steps, args.warmup, args.every, args.image_size)
+            results.append(result)
+            print(f"| {backend} | {result['rss_mb_start']:.0f} | {result['rss_mb_end']:.0f} | "
+                  f"{result['rss_slope_mb_per_1000_steps']:+.2f} | {result['step_ms_first_third']:.1f} -> "
+                  f"{result['step_ms_last_third']:.1f} | {result['step_time_drift_pct']:+.1f} % |", flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "soak.json").write_text(json.dumps({"cpu": cpu_model(), "results": results}, indent=1))
+        print(f"wrote {out / 'soak.json'}")
+
+    run_reporting_usage_errors(PROG, run)
+    return 0
