@@ -63,6 +63,13 @@ def resampled_shape(header: VolumeHeader, spacing: tuple[float, ...] | None) -> 
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(header.shape, header.spacing, spacing))
 
 
+def describe_spacings(headers) -> str:
+    """``"spacing 1.0x1.0x1.0 to 2.0x2.0x2.2 mm"``: the smallest and largest voxel of ``headers`` (by volume)."""
+    spacings = sorted({tuple(round(s, 3) for s in h.spacing) for h in headers}, key=lambda s: math.prod(s))
+    low, high = ("x".join(f"{v:g}" for v in s) for s in (spacings[0], spacings[-1]))
+    return f"spacing {low} mm" if low == high else f"spacing {low} to {high} mm"
+
+
 class VolumeFolder(Dataset):
     """Random crops ``(C, S, S, S)`` (float32, ``S = crop_size``) of the NIfTI volumes under ``root``.
 
@@ -113,6 +120,9 @@ class VolumeFolder(Dataset):
         self.crops_per_epoch = crops_per_epoch
         self.summaries: dict[tuple[Path, tuple[int, ...]], VolumeSummary] = {}  # per process: computed on first use
         self.bad: set[int] = set()
+        resampling = f"resampled to {list(self.spacing)} mm" if self.spacing else "not resampled"
+        log.info("%s: %d volume(s) of %s, %d item(s); %s", split, len(files), describe_spacings(self.headers.values()),
+                 len(self.items), resampling)
 
     def __len__(self) -> int:
         return self.crops_per_epoch or len(self.items)
