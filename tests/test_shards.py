@@ -203,3 +203,21 @@ def test_the_torchvision_decoder_reads_jpegs_and_leaves_other_formats_to_pil():
     assert decode(b"\xff\xd8 broken", "torchvision")[0] is None
     with pytest.raises(UsageError, match="data.decoder must be one of pil, torchvision, got 'turbo'"):
         ShardImages(str(Path(__file__)), _number, decoder="turbo")
+
+
+def test_imagenet_sized_layout_1281_uneven_shards_on_24_ranks_of_8_workers():
+    from sparkme.data.shards.layout import rank_streams
+
+    sizes = torch.randint(700, 1300, (1281,), generator=torch.Generator().manual_seed(0)).tolist()
+    batch, world, workers = 32, 24, 8
+    rank_batches = sum(sizes) // world // batch
+    covered = []
+    for rank in range(world):
+        plans = rank_streams(sizes, 0, 5, rank, rank_batches, batch, workers, buffer=1)
+        assert sum(len(plan.order) for plan in plans) == rank_batches * batch  # the same on every rank
+        for plan in plans:
+            assert sum(piece.count for piece in plan.pieces) == len(plan.order)
+            covered.append((plan.first_position, plan.first_position + len(plan.order)))
+    covered.sort()
+    assert all(end == next_start for (_, end), (next_start, _) in zip(covered, covered[1:]))  # no overlap, no gap
+    assert covered[0][0] == 0 and sum(sizes) - covered[-1][1] < world * batch
