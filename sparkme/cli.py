@@ -17,10 +17,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from sparkme.engine.core import check_writable
 from sparkme.engine.lost_rank import RankLostError, exit_with_rank_lost
 from sparkme.engine.pretrain import pretrain
 from sparkme.errors import UsageError, exit_with_usage_error, run_reporting_usage_errors
-from sparkme.hydra_argv import hydra_argv, split_flags
+from sparkme.hydra_argv import hydra_argv, split_flags, value_of
 from sparkme.hydra_help import CommandHelp, render_help
 from sparkme.hydra_output import hold_hydra_output
 from sparkme.override_check import check_overrides
@@ -78,6 +79,20 @@ def run_task(command: str, cfg: DictConfig, task: Callable[..., dict]) -> None:
     run_reporting_usage_errors(command, run_and_report)
 
 
+def check_run_dir(overrides: list[str]) -> None:
+    """A ``run_dir=`` given as a plain path is writable: hydra makes its output folder there before the task starts
+    (``sparkme.hydra_argv``), so an unwritable one must be refused first, in one line."""
+    run_dir = value_of(overrides, "run_dir")
+    if run_dir in (None, "", "null") or any(c in run_dir for c in "${,()'\""):
+        return
+    try:
+        check_writable(Path(run_dir))
+    except OSError as error:
+        raise UsageError(str(error)) from error
+
+
+# hydra flags that print and run nothing: no run directory is made for them
+_PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
 # hydra flags after which the overrides are not checked first: they only print, or they compose another config
 _NO_PRECHECK = ("--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc", "--config-name", "-cn",
                 "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun")
@@ -98,6 +113,8 @@ def launch(command: CommandHelp, hydra_main: Callable[[], None], config_dir: Pat
             check_group_choices(overrides, config_dir)
         if not any(flag.split("=", 1)[0] in _NO_PRECHECK for flag in flags):
             check_overrides(config_name, overrides, config_dir)
+        if not any(flag.split("=", 1)[0] in _PRINT_ONLY for flag in flags):
+            check_run_dir(overrides)
     except UsageError as error:
         exit_with_usage_error(command.command, error)
     sys.argv[1:] = hydra_argv(sys.argv[1:])

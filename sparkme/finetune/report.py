@@ -41,14 +41,14 @@ def save_confusion_png(matrix: torch.Tensor, classes: list[str], path: Path, tit
 
     counts = matrix.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    size = min(2 + 0.4 * len(classes), 20)
+    size = min(max(4.5, 2 + 0.4 * len(classes)), 20)  # room for the title with few classes
     figure, axes = plt.subplots(figsize=(size, size))
     axes.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(len(classes)), classes, rotation=90, fontsize=8)
     axes.set_yticks(range(len(classes)), classes, fontsize=8)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=9)
     if len(classes) <= 20:
         for row in range(len(classes)):
             for column in range(len(classes)):
