@@ -19,7 +19,7 @@ def test_the_slope_is_the_least_squares_one():
 
 @pytest.mark.slow
 def test_a_tiny_soak_reports_memory_slope_and_drift(tmp_path, capsys):
-    assert main(["soak", "--backends", "torch", "--steps", "12", "--warmup", "2", "--every", "2",
+    assert main(["soak", "--backends", "torch", "--steps", "12", "--warmup", "2", "--every", "2", "--image-size", "32",
                  "--out", str(tmp_path)]) == 0
     (result,) = json.loads((tmp_path / "soak.json").read_text())["results"]
     assert result["backend"] == "torch" and result["samples"] >= 3

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=500, help="steps left out of the figures")
     parser.add_argument("--every", type=int, default=50, help="steps between memory samples")
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64, help="64: 2 x 2 patches, some masked (at 32 none is)")
     parser.add_argument("--out", default="soak_results", help="folder for soak.json")
     args = parser.parse_args(argv)
 
