@@ -221,3 +221,16 @@ def test_imagenet_sized_layout_1281_uneven_shards_on_24_ranks_of_8_workers():
     covered.sort()
     assert all(end == next_start for (_, end), (next_start, _) in zip(covered, covered[1:]))  # no overlap, no gap
     assert covered[0][0] == 0 and sum(sizes) - covered[-1][1] < world * batch
+
+
+def test_sparkme_shards_count_writes_the_manifest_that_write_wrote(shards, tmp_path, capsys):
+    from sparkme.data.shards.cli import main
+
+    main(["count", _pattern(shards), "--manifest", str(tmp_path / "counted.json")])
+    written = json.loads((shards / "manifest.json").read_text())
+    assert json.loads((tmp_path / "counted.json").read_text())["shards"] == written["shards"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["write", str(tmp_path / "nowhere"), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"sparkme-shards: error: '{tmp_path / 'nowhere'}' is not a folder; give "
+                                              "a folder of images (flat or one sub-folder per class)")
