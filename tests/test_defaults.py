@@ -1,9 +1,10 @@
 """What a newcomer gets without naming an experiment: SparK's recipe for the chosen model (checked against the
 ``experiment=spark_*`` presets and the family table), the CPU demo as ``experiment=demo``, a held-out split of an image
-folder, and the linear probe's optimizer rule."""
+folder, the linear probe's optimizer rule, and the benchmark naming its CPU."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 from sparkme.cli import CONFIG_DIR
 from sparkme.data.imagefolder import ImageFolderDataset, holdout_indices
 from sparkme.errors import UsageError
-from sparkme.evaluation.linear_probe import LinearProbeSettings, choose_optimizer, linear_probe, lars_reach
+from sparkme.evaluation.linear_probe import LinearProbeSettings, choose_optimizer, lars_reach, linear_probe
 from sparkme.models import families
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,3 +105,18 @@ def test_probe_optimizer_rule_is_lars_where_it_can_move_the_weight():
     features, labels = torch.randn(24, 8, generator=torch.Generator().manual_seed(0)), torch.arange(24) % 3
     result = linear_probe(features, labels, features, labels, 3, LinearProbeSettings(epochs=1, warmup_epochs=0))
     assert result["optimizer"] == "sgd"
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # no rows: an empty speed-up plot
+def test_the_benchmark_names_the_cpu(tmp_path):
+    from sparkme.bench.report import cpu_model, write_results
+
+    name = cpu_model()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.lower().startswith("model name")), None)
+        assert model is None or name.startswith(model)
+    assert name.endswith("logical CPUs")
+    write_results([], tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["cpu"] == name

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Re-make every picture of the documentation (docs/assets/*.png) on a CPU: the demo run (its loss curves), a longer
-# run of the same settings (the reconstruction grid), and the speed chart from the committed benchmark output.
-# About 20 minutes on one core of a 2-core Xeon; runs niced on one thread (other work keeps the other core).
+# Re-make every picture of the documentation (docs/assets/*.png) on a CPU: the demo run (its loss curves and the
+# reconstruction grid at steps 0 and 384), and the speed chart from the committed benchmark output. About 7 CPU
+# minutes on a 2-core Xeon; runs niced, on one thread (other work keeps the other core).
 #   bash tools/docs_pictures.sh [runs folder, default runs/docs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,10 +10,8 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 WANDB_MODE=disabled
 PRETRAIN=(nice -n 10 .venv/bin/sparkme-pretrain logger.wandb_mode=disabled trainer.progress=false)
 # the demo, as tools/demo.sh runs it (384 steps), keeping its weights at steps 128, 256 and 384
 "${PRETRAIN[@]}" experiment=demo trainer.ckpt_every=128 trainer.keep_every=128 run_dir="$RUNS/demo"
-# the same settings for 1.5 times as long (576 steps, about 10 CPU minutes), weights kept every 144 steps
-"${PRETRAIN[@]}" experiment=demo trainer.epochs=18 trainer.ckpt_every=144 trainer.keep_every=144 run_dir="$RUNS/demo_long"
 .venv/bin/python tools/docs_pictures.py curves --run "$RUNS/demo" --out docs/assets/demo_loss.png
-.venv/bin/python tools/docs_pictures.py reconstruction --run "$RUNS/demo_long" --steps 0 144 576 \
+.venv/bin/python tools/docs_pictures.py reconstruction --run "$RUNS/demo" --steps 0 384 \
     --out docs/assets/reconstruction.png
 .venv/bin/python tools/docs_pictures.py speed --bench docs/bench/2026-11-29_whole_step.txt \
     --out docs/assets/speedup.png \
