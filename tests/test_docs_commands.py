@@ -19,7 +19,9 @@ How it works (for whoever writes a guide):
   - ``sparkme-pretrain`` (also ``python -m sparkme.cli`` and ``torchrun ... -m sparkme.cli``): ``debug=fast`` and
     ``data.num_workers=0`` are appended; ``image_size``, ``trainer.batch_size``, ``trainer.epochs`` and
     ``model.decoder_width`` overrides are dropped (debug=fast sets them); ``trainer.max_steps`` is capped at 6;
-    ``data.root=...`` points at ``~/my_images``; torchrun gets ``--standalone`` and at most 2 processes.
+    ``data.root=...`` points at ``~/my_images``; torchrun gets ``--standalone`` and at most 2 processes. With
+    ``data=volumes`` or ``experiment=spark3d_*``: ``data.root`` stays as written (a folder an earlier block of the
+    guide wrote), and ``model=`` / ``data.crop_size`` become ``model=volumes/resenc_tiny data.crop_size=32``.
   - ``sparkme-bench`` / ``python tools/bench.py``: ``--models resnet18 --batch-sizes 1 --image-size 64 --repeats 1
     --warmup 0``, the first ``--ratios`` value only.
   - ``sparkme-finetune`` (no ``debug=fast`` there): ``image_size``, batch sizes, ``recipe.epochs``,
@@ -66,6 +68,8 @@ TAIL_CHARS = 4000
 
 PRETRAIN_DROPPED = ("image_size", "trainer.batch_size", "trainer.epochs", "model.decoder_width", "data.num_workers")
 MAX_STEPS_CAP = 6
+VOLUME_DROPPED = ("model", "data.crop_size")
+VOLUME_TINY = ["model=volumes/resenc_tiny", "data.crop_size=32"]
 BENCH_VALUES = {"--models": "resnet18", "--batch-sizes": "1", "--image-size": "64", "--repeats": "1", "--warmup": "0"}
 HYDRA_COMMANDS = {"sparkme-pretrain"}
 FINETUNE_DROPPED = ("image_size", "trainer.batch_size", "trainer.eval_batch_size", "recipe.epochs",
@@ -136,17 +140,19 @@ def _key(word: str) -> str:
 
 
 def _hydra_tiny(args: list[str], images: Path) -> list[str]:
+    # 3D volumes: data.root stays the folder an earlier block wrote; the smallest 3D model on 32^3 crops
+    volumes = any(w == "data=volumes" or w.startswith("experiment=spark3d") for w in args)
     out = []
     for word in args:
         key = _key(word)
-        if key in PRETRAIN_DROPPED or key == "debug":
+        if key in PRETRAIN_DROPPED or key == "debug" or (volumes and key in VOLUME_DROPPED):
             continue
-        if key == "data.root":
+        if key == "data.root" and not volumes:
             word = f"data.root={images}"
         elif key == "trainer.max_steps" and word.split("=", 1)[1].isdigit():
             word = f"trainer.max_steps={min(int(word.split('=', 1)[1]), MAX_STEPS_CAP)}"
         out.append(word)
-    return [*out, "debug=fast", "data.num_workers=0"]
+    return [*out, "debug=fast", "data.num_workers=0", *(VOLUME_TINY if volumes else [])]
 
 
 def _finetune_tiny(args: list[str], labelled: Path) -> list[str]:
