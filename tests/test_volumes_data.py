@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparkme.data.sampling import SeededItems
-from sparkme.data.volumes import VolumeFolder, holdout_split
+from sparkme.data.volumes import VolumeFolder, describe_spacings, holdout_split
 from sparkme.data.volumes_checks import check_volumes
 from sparkme.data.volumes_io import read_header, summarise
 from sparkme.data.volumes_synthetic import write_blob_volumes
@@ -127,6 +127,7 @@ def test_bundled_nibabel_volumes_are_read(tmp_path):
         (tmp_path / name).write_bytes((NIBABEL_DATA / name).read_bytes())
     dataset = VolumeFolder(str(tmp_path), crop_size=32, channel_mode="split", spacing=(1.0, 1.0, 1.0))
     assert len(dataset) == 3  # anatomical, and each of example4d's two channels
+    assert describe_spacings(dataset.headers.values()) == "spacing 2x2x2 to 2x2x2.2 mm"  # logged at start
     assert all(dataset[i].shape == (1, 32, 32, 32) and torch.isfinite(dataset[i]).all() for i in range(3))
 
 
