@@ -2,12 +2,13 @@
 
     .venv/bin/python tools/finetune_pictures.py            # a few minutes on 2 CPU cores
 
-1. scikit-learn's 1,797 handwritten digits are written as a labelled folder (64 x 64 RGB PNGs, 75 / 25 per class,
-   seeded: ``tools/does_pretraining_pay.py``'s ``write_digits``).
-2. ``sparkme-finetune`` trains a ResNet-18 from random initialisation at 32 px with its preset (SparK's ResNet
-   recipe) for ``--epochs`` epochs, at a base lr of 0.02 instead of the preset's 2e-3 (which is tuned for a
-   pretrained encoder and barely moves a random one in a few epochs): the command is printed, and it is the one
-   docs/finetuning.md shows beside the pictures.
+1. A labelled folder of generated patterns (the ones ``tests/test_finetune.py`` fine-tunes on: stripes across,
+   stripes down, a checkerboard and a disc, each in its own colours, with random period, phase and noise), 48 px,
+   ``--per-class`` training and half as many validation images per class.
+2. ``sparkme-finetune`` trains a ResNet-18 from random initialisation with its preset (SparK's ResNet recipe: LAMB,
+   BCE, mixup / CutMix, TrivialAugment, random erasing, EMA) for ``--epochs`` epochs, at a base lr of 0.125
+   instead of the preset's 2e-3, which is tuned for a pretrained encoder and barely moves a random one in a few
+   epochs. The command is printed; docs/finetuning.md shows it beside the pictures.
 3. The run's own ``confusion_matrix.png`` is copied to ``docs/assets/finetuning/``, and ``accuracy.png`` is drawn
    there from its ``metrics.jsonl`` (top-1 of the model and of its EMA after every epoch, and the training loss).
 """
@@ -22,15 +23,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests"))
 
-from does_pretraining_pay import write_digits  # noqa: E402 - the tools folder is not a package
+from test_finetune import make_labelled_folder  # noqa: E402 - the tests' generated patterns
 
 
 def finetune_command(data: Path, run_dir: Path, epochs: int) -> list[str]:
     """The fine-tune the pictures show (docs/finetuning.md gives it with ``data.root=digits``)."""
-    return ["sparkme-finetune", "model=resnet18", "init=null", f"data.root={data}", "image_size=32",
-            "trainer.batch_size=64", f"recipe.epochs={epochs}", "recipe.warmup_epochs=1", "recipe.base_lr=0.02",
+    return ["sparkme-finetune", "model=resnet18", "init=null", f"data.root={data}", "image_size=48",
+            "trainer.batch_size=32", f"recipe.epochs={epochs}", "recipe.warmup_epochs=1", "recipe.base_lr=0.125",
             "data.num_workers=2", "logger.wandb_mode=disabled", "trainer.progress=false", f"run_dir={run_dir}"]
 
 
@@ -70,14 +71,14 @@ def draw_accuracy(metrics: Path, out: Path, title: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--per-class", type=int, default=48)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "finetune_pictures")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "assets" / "finetuning")
     args = parser.parse_args()
-    data, run_dir = args.work / "digits", args.work / "run"
+    data, run_dir = args.work / "patterns", args.work / "run"
     if not (data / "train").is_dir():
-        train, val = write_digits(data)
-        print(f"digits: {train} train / {val} val images")
+        make_labelled_folder(data, per_class=(args.per_class, args.per_class // 2))
     command = finetune_command(data, run_dir, args.epochs)
     print(" ".join(command), flush=True)
     executable = Path(sys.executable).parent / command[0]
@@ -86,7 +87,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "confusion_matrix.png", args.out / "confusion_matrix.png")
     draw_accuracy(run_dir / "metrics.jsonl", args.out / "accuracy.png",
-                  f"ResNet-18, random init, digits at 32 px: {args.epochs} epochs of SparK's recipe")
+                  f"ResNet-18 from random init, 4 generated patterns: {args.epochs} epochs of SparK's recipe")
     print(f"best top-1 {summary.get('best_top1')}; pictures in {args.out}")
 
 
