@@ -34,6 +34,9 @@ OVERRIDE = re.compile(r"^[+~]?[A-Za-z_][\w./-]*=\S*$")
 PRETRAIN_ROOT = ["data.root=/images"]  # data=imagefolder's required root, when the command leaves it to the reader
 FINETUNE_CONFIG_DIR = Path(CONFIG_DIR) / "finetune"
 PROBE_FILE = Path(CONFIG_DIR) / "probe.yaml"
+# Settings of other tools that the docs name: MMDetection / MMSegmentation configs load a backbone with
+# model.pretrained=PATH (the exporting and detection guides).
+FOREIGN_KEYS = {"model.pretrained"}
 
 
 def _bash_lines(path: Path) -> list[tuple[int, str]]:
@@ -173,7 +176,11 @@ def _known_keys() -> set[str]:
         walk(container, "")
     with initialize_config_dir(config_dir=str(FINETUNE_CONFIG_DIR), version_base="1.3"):
         walk(OmegaConf.to_container(compose(config_name="config")), "")
-    return keys
+    for option in Path(CONFIG_DIR).glob("*/**/*.yaml"):  # every option of every group (e.g. a 3-D model's keys)
+        group = option.relative_to(CONFIG_DIR).parts[0]
+        if group not in ("finetune", "hydra") and "@package _global_" not in option.read_text():
+            walk(OmegaConf.to_container(OmegaConf.load(option)), f"{group}.")
+    return keys | FOREIGN_KEYS
 
 
 def _inline_overrides(path: Path) -> list[tuple[str, str]]:
