@@ -101,6 +101,10 @@ class SparseMap(abc.ABC):
         true-sparse map has none."""
         return features
 
+    def sample_row_ranges(self) -> list[tuple[int, int]] | None:
+        """``[(start, end)]`` rows of each sample when the rows are grouped by sample in batch order, else None."""
+        return None
+
     def per_sample_count(self) -> torch.Tensor:
         """``(B,)`` number of visible sites of each sample (at least 1: every sample keeps a patch)."""
         mask = self.dense_mask()

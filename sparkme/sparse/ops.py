@@ -38,8 +38,17 @@ def group_norm(x: SparseMap, groups: int, weight: torch.Tensor | None, bias: tor
     ``SparseInstanceNorm3d`` for ``groups == C``; ``GroupNorm`` otherwise): ``(x - mean) / sqrt(var + eps)`` with
     the biased variance, then the per-channel affine.
 
-    Sums run through ``per_sample_sum`` (an index-add over rows; the masked oracle sums its zeroed dense grid).
+    Sums run through ``per_sample_sum`` (an index-add over rows; the masked oracle sums its zeroed dense grid). A
+    map whose rows are grouped by sample (``sample_row_ranges``) runs torch's own ``group_norm`` on each sample's
+    rows instead: the same statistics, and autograd keeps only the input rows and two numbers per group (the
+    formula below keeps four ``(N, C)`` tensors).
     """
+    ranges = x.sample_row_ranges()
+    # (torch's group_norm refuses a group of one value, where the formula gives the bias: a one-site sample)
+    if ranges is not None and min(end - start for start, end in ranges) * (x.num_channels // groups) > 1:
+        rows = x.features
+        parts = [F.group_norm(rows[start:end].t()[None], groups, weight, bias, eps)[0].t() for start, end in ranges]
+        return x.with_features(torch.cat(parts) if len(parts) > 1 else parts[0].contiguous())
     features = x.features  # zero at masked sites
     channels = features.shape[-1]
     per_group = channels // groups

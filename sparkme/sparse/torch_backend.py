@@ -49,6 +49,15 @@ class TorchSparseMap(SparseMap):
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
         return values[self.context.batch_index(self.stride)]
 
+    def sample_row_ranges(self) -> list[tuple[int, int]]:
+        """Rows are in row-major ``(batch, ...)`` order: each sample's rows are one range."""
+
+        def make():
+            ends = self.per_sample_count().cumsum(0).tolist()
+            return list(zip([0, *ends[:-1]], ends))
+
+        return self.context.cached(("sample_ranges", self.stride), make)
+
     def gather_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> TorchSparseMap:
         table = self.context.neighbours(self.stride, spec.kernel, spec.stride, spec.padding)
         return TorchSparseMap(self.context, self.stride * spec.stride,
