@@ -163,3 +163,30 @@ def test_sync_batchnorm_is_sparks_default_for_batchnorm_models_with_several_proc
     assert not use_sync_bn(None, 8, convnext)      # LayerNorm only: nothing to convert
     with pytest.raises(UsageError, match="trainer.sync_bn must be null"):
         use_sync_bn("yes", 2, resnet)
+
+
+@pytest.mark.slow
+def test_a_resume_across_a_partial_last_batch_gives_the_uninterrupted_run(tmp_path):
+    """64 images at batch 6: epochs of 10 full batches and one of 4 (an even partial batch) — stopped in the second
+    epoch and resumed, the weights, EMA and log equal the run that was never stopped."""
+    import json
+
+    from test_finetune import TINY, _compose, make_labelled_folder
+
+    from sparkme.engine.checkpoint import load_checkpoint
+
+    data = make_labelled_folder(tmp_path / "data", per_class=(16, 2), size=32)
+    args = [*TINY, f"data.root={data}", "image_size=32", "trainer.batch_size=6", "trainer.max_steps=13",
+            "export_formats=[]"]
+    whole = loop.finetune(_compose(args, tmp_path / "whole"))
+    assert whole["total_steps"] == 13 and loop.finetune_plan(_compose(args, tmp_path), 64, 1,
+                                                             recipe_for("resnet18")).steps_per_epoch == 11
+    loop.finetune(_compose([*args, "trainer.stop_at_step=12"], tmp_path / "split"))
+    loop.finetune(_compose([*args, "resume=auto"], tmp_path / "split"))
+    final = {name: load_checkpoint(tmp_path / name / "checkpoints" / "latest.pt") for name in ("whole", "split")}
+    for part in (final["whole"]["model"], final["whole"]["extra"]["ema"]):
+        other = final["split"]["model"] if part is final["whole"]["model"] else final["split"]["extra"]["ema"]
+        assert all(torch.equal(part[k], other[k]) for k in part)
+    lines = [[{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
+              for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("whole", "split")]
+    assert lines[0] == lines[1]
