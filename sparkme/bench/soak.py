@@ -6,7 +6,8 @@ Each backend runs ``sparkme-pretrain`` (``debug=fast`` at ``--image-size`` px on
 ``torch`` backend on two torchrun ranks over gloo) in its own process; every ``--every`` steps (read from its
 ``metrics.jsonl``) the resident memory of the whole process tree is sampled. After ``--warmup`` steps:
 
-- **RSS slope**: the least-squares slope of the samples, in MB per 1,000 steps (a leak shows as a steady slope;
+- **RSS slope**: the least-squares slope of the samples (the last step's left out: the held-out loss, checkpoint
+  and exports of the run's end run then), in MB per 1,000 steps (a leak shows as a steady slope;
   target < 5);
 - **step-time drift**: the mean step time of the last third of the samples against the first third, in %.
 
@@ -96,7 +97,7 @@ def soak(backend: str, steps: int, warmup: int, every: int, image_size: int) -> 
         _, stderr = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"the {backend} soak run failed: {stderr[-3000:]}")
-    kept = [s for s in samples if s[0] >= warmup]
+    kept = [s for s in samples if warmup <= s[0] < steps]  # the last step's sample also holds the run's ending
     if len(kept) < 3:
         raise RuntimeError(f"{backend}: only {len(kept)} samples after the warm-up; lower --every or --warmup")
     slope = fit_slope([s[0] for s in kept], [s[2] for s in kept]) * 1000
