@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sparkme.data.shards.checks import check_shards
 from sparkme.data.volumes_checks import check_data_fits_model
 from sparkme.engine.distributed import resolve_device
 from sparkme.engine.logging import WANDB_MODES
@@ -206,6 +207,7 @@ def check_config(cfg: DictConfig, build_model: bool = True) -> None:
     check_logger(cfg)
     check_optimizer(cfg)
     check_data(cfg)
+    check_shards(cfg)
     check_eval(cfg)
     if build_model:
         model = check_model(cfg)

@@ -117,16 +117,26 @@ class ShardImages(Dataset):
         Raises:
             UsageError: more workers than a rank has batches in an epoch (a worker would get nothing to read).
         """
-        rank_batches = len(self) // world // (batch * accum) * accum
+        rank_batches = check_workers(len(self), len(self.urls), batch, accum, workers, world)
         streams = max(1, workers)
-        if rank_batches < streams:
-            raise UsageError(f"data.num_workers={workers} is more than the {rank_batches} batch(es) each of the "
-                             f"{world} rank(s) reads per epoch from {len(self)} samples in {len(self.urls)} "
-                             "shard(s): some workers would get nothing; lower data.num_workers or trainer.batch_size")
         plans = rank_streams(self.sizes, self.seed, epoch, rank, rank_batches, batch, streams, self.shuffle_buffer)
         stream = EpochStream(self, plans, epoch, start // batch, batch)
         return DataLoader(stream, batch_size=batch, drop_last=True, num_workers=workers, persistent_workers=False,
                           pin_memory=torch.cuda.is_available(), generator=generator)
+
+
+def check_workers(samples: int, shards: int, batch: int, accum: int, workers: int, world: int) -> int:
+    """The batches each of ``world`` ranks reads per epoch from ``samples`` images in ``shards`` shards.
+
+    Raises:
+        UsageError: more workers than a rank has batches in an epoch (a worker would get nothing to read).
+    """
+    rank_batches = samples // world // (batch * accum) * accum
+    if rank_batches < max(1, workers):
+        raise UsageError(f"data.num_workers={workers} is more than the {rank_batches} batch(es) each of the "
+                         f"{world} rank(s) reads per epoch from {samples} samples in {shards} "
+                         "shard(s): some workers would get nothing; lower data.num_workers or trainer.batch_size")
+    return rank_batches
 
 
 class EpochStream(IterableDataset):
