@@ -10,7 +10,7 @@ from sparkme.sparse.context import MaskContext
 _BACKENDS = {
     "minkowski": ("sparkme.sparse.minkowski_backend", "MinkowskiMap",
                   "install MinkowskiEngine with `sparkme-install-minkowski` (in a checkout: "
-                  "`python tools/install_minkowski.py`)"),
+                  "`python tools/install_minkowski.py`), or use backend=torch, which needs only torch"),
     "torch": ("sparkme.sparse.torch_backend", "TorchSparseMap", "needs only torch"),
     "masked": ("sparkme.sparse.masked_backend", "MaskedDenseMap", "needs only torch"),
 }
