@@ -29,6 +29,7 @@ from sparkme.data.labelled import LabelledLayout, check_labelled_root, labelled_
 from sparkme.engine.distributed import resolve_device
 from sparkme.errors import UsageError, run_reporting_usage_errors
 from sparkme.evaluation.features import (
+    BANK_DTYPES,
     PooledEncoder,
     cache_key,
     cached_features,
@@ -84,6 +85,8 @@ def check_probe_config(cfg: DictConfig) -> LabelledLayout:
                          "of <class>/... with data.val_fraction=0.2")
     for key in ("image_size", "batch_size", "knn.k", "knn.chunk", "linear.epochs", "linear.batch_size"):
         _positive(cfg, key)
+    if cfg.knn.bank_dtype not in BANK_DTYPES:
+        raise UsageError(f"knn.bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {cfg.knn.bank_dtype!r}")
     if cfg.linear.optimizer not in OPTIMIZERS:
         raise UsageError(f"linear.optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.linear.optimizer!r}")
     for key in ("knn.temperature", "linear.blr", "linear.trust_coefficient"):
@@ -128,13 +131,18 @@ def probe(cfg: DictConfig) -> dict:
     transform = probe_transform(int(cfg.image_size))
     train_set, val_set, classes = labelled_splits(layout, transform, transform, int(cfg.seed))
     encoder, weights_id, loaded = build_encoder(cfg)
-    key = cache_key(weights_id, f"{cfg.model}/{cfg.source}", transform, train_set.files, val_set.files)
+    dtype = BANK_DTYPES[str(cfg.knn.bank_dtype)]
+    # float32 features keep the cache key they always had; float16 ones are another file
+    model_id = f"{cfg.model}/{cfg.source}" + ("" if dtype == torch.float32 else f"/{cfg.knn.bank_dtype}")
+    key = cache_key(weights_id, model_id, transform, train_set.files, val_set.files)
     cache = Path(str(cfg.cache_dir)).expanduser() / f"{cfg.model}-{key}.pt"
     started = time.perf_counter()
 
     def compute() -> dict:
-        train_x, train_y = extract_features(encoder, train_set, int(cfg.batch_size), int(cfg.num_workers), device)
-        val_x, val_y = extract_features(encoder, val_set, int(cfg.batch_size), int(cfg.num_workers), device)
+        train_x, train_y = extract_features(encoder, train_set, int(cfg.batch_size), int(cfg.num_workers), device,
+                                            dtype=dtype)
+        val_x, val_y = extract_features(encoder, val_set, int(cfg.batch_size), int(cfg.num_workers), device,
+                                        dtype=dtype)
         return {"train_features": train_x, "train_labels": train_y, "val_features": val_x, "val_labels": val_y}
 
     features = cached_features(cache, compute)

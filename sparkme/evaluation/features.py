@@ -25,6 +25,7 @@ from sparkme.files import read_torch_file, save_atomic
 from sparkme.models.dense_weights import dense_encoder
 
 PROBE_CROP_PCT = 224 / 256  # MAE's probe: resize 256, centre crop 224
+BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # stored features (``knn.bank_dtype``)
 
 
 def probe_transform(image_size: int):

@@ -110,11 +110,11 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, val_f
             index = order[step * batch:(step + 1) * batch]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(iteration, peak, settings.warmup_epochs * steps_per_epoch, total)
-            loss = criterion(head(train_features[index]), train_labels[index])
+            loss = criterion(head(train_features[index].float()), train_labels[index])  # float16 banks too
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             iteration += 1
     head.eval()
     with torch.no_grad():
-        return {**topk_accuracy(head(val_features), val_labels), "optimizer": chosen}
+        return {**topk_accuracy(head(val_features.float()), val_labels), "optimizer": chosen}
