@@ -155,6 +155,7 @@ def model_from_weights(path: str | Path, model_name: str, check: Callable[[str],
     if whole and report.kept:
         raise UsageError(f"{str(path)!r} holds the encoder only ({len(report.kept)} decoder tensors missing); "
                          "this format writes the decoder too: give a file with it")
+    model.weights_report = report  # what the file held: format=mmdet writes the densify norms only if it had them
     return model, model_name, DEFAULT_IMAGE_SIZE
 
 

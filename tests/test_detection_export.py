@@ -1,8 +1,9 @@
 """Detection hand-offs of ``sparkme-export``: ``format=detectron2`` writes, byte for byte, the ``.pkl`` that SparK's
 ``downstream_d2/convert-timm-to-d2.py`` writes from the same weights (its rules restated below, applied to the
 pretraining checkpoint's encoder and to a file in the layout of SparK's released ``*_1kpretrained_timm_style.pth``);
-``format=mmdet`` is the file SparK's MMDetection ConvNeXt backbone loads with no unexpected key and only its new
-output norms missing; other families get one line and exit status 2."""
+``format=mmdet`` is the file SparK's MMDetection ConvNeXt backbone loads with no unexpected key, its output norms
+filled from SparK's densify norms when the source has them (missing from an encoder-only file); other families get
+one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -178,6 +179,18 @@ MMDET_CONVNEXTS = {"convnext_atto": ((2, 2, 6, 2), (40, 80, 160, 320)),
 NEW_OUTPUT_NORMS = {f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")}
 
 
+def densify_norm_of_stage(model_state: dict[str, torch.Tensor], stage: int, param: str) -> torch.Tensor:
+    """SparK's densify norm at the output of ConvNeXt stage ``stage``: its ``densify_norms[j]`` counts from the
+    smallest map (stride 32, stage 3) up, so stage i is j = 3 - i (sparkme's ``densify.j`` keeps SparK's index)."""
+    return model_state[f"densify.{3 - stage}.norm.{param}"]
+
+
+def assert_output_norms_are_densify_norms(loaded: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]):
+    for i in range(4):
+        for param in ("weight", "bias"):
+            assert torch.equal(loaded[f"norm{i}.{param}"], densify_norm_of_stage(model_state, i, param)), (i, param)
+
+
 @pytest.mark.parametrize("name", list(MMDET_CONVNEXTS))
 def test_mmdet_file_loads_into_sparks_convnext_backbone(name, tmp_path):
     depths, dims = MMDET_CONVNEXTS[name]
@@ -190,8 +203,9 @@ def test_mmdet_file_loads_into_sparks_convnext_backbone(name, tmp_path):
     assert list(checkpoint) == ["state_dict"]
     backbone = MMDetConvNeXt(depths, dims)
     result = backbone.load_state_dict(mmcv_custom_state_dict(checkpoint), strict=False)
-    assert result.unexpected_keys == [] and set(result.missing_keys) == NEW_OUTPUT_NORMS, result
+    assert result.unexpected_keys == [] and result.missing_keys == [], result
     loaded = backbone.state_dict()
+    assert_output_norms_are_densify_norms(loaded, model.state_dict())
     assert torch.equal(loaded["stages.2.1.pwconv1.weight"], dense["stages.2.blocks.1.mlp.fc1.weight"].flatten(1))
     assert torch.equal(loaded["downsample_layers.3.1.weight"], dense["stages.3.downsample.1.weight"])
     assert torch.equal(loaded["downsample_layers.0.1.bias"], dense["stem.1.bias"])
@@ -199,19 +213,42 @@ def test_mmdet_file_loads_into_sparks_convnext_backbone(name, tmp_path):
     spark_out = tmp_path / f"{name}_official_style.pth"
     assert main([f"ckpt={ckpt}", "format=spark", f"out={spark_out}"]) == 0
     official = torch.load(spark_out, weights_only=True)
-    assert list(official) == list(checkpoint["state_dict"])
-    assert all(torch.equal(official[k], v) for k, v in checkpoint["state_dict"].items())
+    assert list(official) == [k for k in checkpoint["state_dict"] if k not in NEW_OUTPUT_NORMS]
+    assert all(torch.equal(official[k], checkpoint["state_dict"][k]) for k in official)
 
 
-def test_mmdet_file_from_sparks_released_convnext_layout(tmp_path):
+def test_mmdet_file_from_sparks_withdecoder_file_has_its_densify_norms(tmp_path):
+    """SparK's ``*_withdecoder_*spark_style`` layout holds ``densify_norms.j``: they fill the output norms."""
+    model = trained_like(build_spark("convnext_atto", backend="torch"), seed=5)
+    ckpt = pretraining_checkpoint(tmp_path / "latest.pt", model, "convnext_atto")
+    ckpt_state = torch.load(ckpt, weights_only=True)
+    ckpt_state["config"]["model"]["decoder_width"] = 768  # the width model=NAME rebuilds SparK with
+    torch.save(ckpt_state, ckpt)
+    source = tmp_path / "convnext_atto_withdecoder_1kpretrained_spark_style.pth"
+    assert main([f"ckpt={ckpt}", "format=spark_withdecoder", f"out={source}"]) == 0
+    out = tmp_path / "mmdet.pth"
+    assert main([f"ckpt={source}", "model=convnext_atto", "format=mmdet", f"out={out}"]) == 0
+    backbone = MMDetConvNeXt(*MMDET_CONVNEXTS["convnext_atto"])
+    result = backbone.load_state_dict(mmcv_custom_state_dict(torch.load(out, weights_only=True)), strict=False)
+    assert result.unexpected_keys == [] and result.missing_keys == [], result
+    assert_output_norms_are_densify_norms(backbone.state_dict(), model.state_dict())
+
+
+def test_mmdet_file_from_sparks_released_convnext_layout(tmp_path, capsys):
+    """An encoder-only file has no densify norms: the output norms stay missing, and the export says so."""
     depths, dims = MMDET_CONVNEXTS["convnext_tiny"]
     released = random_state(official_convnext_shapes(depths, dims), seed=4)
     source = tmp_path / "convnextT_1kpretrained_official_style.pth"
     torch.save(released, source)
     out = tmp_path / "mmdet.pth"
     assert main([f"ckpt={source}", "model=convnext_tiny", "format=mmdet", f"out={out}"]) == 0
-    state = torch.load(out, weights_only=True)["state_dict"]
+    checkpoint = torch.load(out, weights_only=True)
+    state = checkpoint["state_dict"]
     assert set(state) == set(released) and all(torch.equal(state[k], v) for k, v in released.items())
+    result = MMDetConvNeXt(depths, dims).load_state_dict(mmcv_custom_state_dict(checkpoint), strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) == NEW_OUTPUT_NORMS, result
+    said = [line for line in capsys.readouterr().out.splitlines() if "norm0-norm3" in line]
+    assert len(said) == 1 and "encoder only" in said[0], said
 
 
 @pytest.mark.parametrize("name", ["resnet50", "convnextv2_atto"])
