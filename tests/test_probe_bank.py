@@ -25,6 +25,7 @@ def _folder(root: Path, count: int = 6) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_float16_bank_is_stored_half_size_and_gives_the_knn_of_the_rounded_features(tmp_path):
     argv = ["model=resnet18", "init=null", f"data.root={_folder(tmp_path / 'data')}", "data.val_fraction=0.34",
             "image_size=32", "num_workers=0", f"cache_dir={tmp_path / 'cache'}", f"out={tmp_path / 'probe.json'}",
