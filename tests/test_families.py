@@ -156,8 +156,8 @@ def test_model_without_the_four_strides_is_refused_naming_what_it_has():
 
 def test_unsupported_op_and_setting_are_refused_at_conversion_naming_the_module():
     model = timm.create_model("resnet18")
-    model.layer2[0].act1 = nn.PReLU(128)
-    with pytest.raises(UsageError, match=r"module torch.nn.modules.activation.PReLU at 'layer2.0.act1'"):
+    model.layer2[0].act1 = nn.LocalResponseNorm(2)  # (PReLU, refused here before, converts since 3-D models use it)
+    with pytest.raises(UsageError, match=r"module torch.nn.modules.normalization.LocalResponseNorm at 'layer2.0.act1'"):
         SparseEncoder.from_dense(model, backend="torch")
     dilated = timm.create_model("resnet18")
     dilated.layer3[1].conv1.dilation, dilated.layer3[1].conv1.padding = (2, 2), (2, 2)
