@@ -83,7 +83,8 @@ CASES = {
                                    "unknown setting 'trainer.epoch'"),
     "finetune_unknown_setting": ("sparkme-finetune", ["recipe.epoch=3"],
                                  "unknown setting 'recipe.epoch' in 'recipe.epoch=3': recipe has base_lr"),
-    "probe_unknown_setting": ("sparkme-probe", ["knn.kk=3"], "unknown setting 'knn.kk' in 'knn.kk=3': knn has chunk"),
+    "probe_unknown_setting": ("sparkme-probe", ["knn.kk=3"],
+                              "unknown setting 'knn.kk' in 'knn.kk=3': knn has bank_dtype, chunk"),
 }
 
 
