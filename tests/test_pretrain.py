@@ -109,9 +109,13 @@ def test_every_config_group_builds_the_objects_it_configures(group, tmp_path, mo
         Image.new("RGB", (40, 30)).save(tmp_path / name)
     for option in _options(group):
         overrides = [f"{group}={option}"]
-        if _compose(overrides).data.get("spatial_dims") == 3:
+        data = _compose(overrides).data
+        if data.get("spatial_dims") == 3:
             continue  # 3D volumes and models: built and checked by tests/test_volumes_configs.py
-        if group in ("experiment", "data") and "root" in _compose(overrides).data:  # not experiment=demo's photos
+        if data.name == "shards":
+            continue  # needs shards: built and trained by tests/test_shards_resume.py, checked by test_shards_startup
+        # keys(), not `in`: OmegaConf's `in` is False for a mandatory value not yet given (root: ???)
+        if group in ("experiment", "data") and "root" in data.keys():  # not experiment=demo's photos
             overrides.append(f"data.root={tmp_path}")
         cfg = _compose(overrides, tmp_path / "run")
         if group == "logger":
