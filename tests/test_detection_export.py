@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from run_records import trained_like
 from spark_fixtures import official_convnext_shapes, random_state, timm_resnet_shapes
 from torch import nn
 
@@ -43,16 +44,6 @@ def expected_d2_bytes(timm_style: dict[str, torch.Tensor]) -> bytes:
     """What SparK's converter writes for a ``*_1kpretrained_timm_style.pth`` holding ``timm_style``."""
     weights = {spark_d2_key(k): v.detach().numpy() for k, v in timm_style.items()}
     return pickle.dumps({"model": weights, "__author__": SPARK_D2_AUTHOR, "matching_heuristics": True}, protocol=4)
-
-
-def trained_like(model: nn.Module, seed: int) -> nn.Module:
-    """Weights and BatchNorm statistics away from their initialisation, as after pretraining."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in model.state_dict().values():
-            if value.is_floating_point():
-                value.add_(0.01 * torch.randn(value.shape, generator=g))
-    return model
 
 
 def pretraining_checkpoint(path: Path, model: SparK, name: str) -> Path:

@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from run_records import trained_like
 from torch import nn
 
 from sparkme.export import main
 from sparkme.models import build_spark
 
 NUM_CLASSES = 3  # background, rectangle, disc
-
-
-def trained_like(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in model.state_dict().values():
-            if value.is_floating_point():
-                value.add_(0.01 * torch.randn(value.shape, generator=g))
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,16 @@ between checkpoints and continued with ``resume=auto`` ends with the uninterrupt
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_records import metrics_records as _records
+from run_records import wait_for_step
 
 from sparkme.data.volumes_synthetic import write_blob_volumes
 from sparkme.engine.checkpoint import load_checkpoint
@@ -32,25 +32,6 @@ def _cli(run_dir: Path, root: Path, *overrides: str) -> list[str]:
             *overrides]
 
 
-def _records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock field."""
-    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
-
-
-def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if any(r.get("step") == step and "loss" in r for r in _records(run_dir)):
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        assert process.poll() is None, f"the run ended before step {step}: {process.communicate()[1][-3000:]}"
-        assert time.time() < deadline, f"step {step} did not appear"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_3d_pretraining_learns_and_kill_9_then_resume_auto_is_bit_identical(tmp_path):
     root = tmp_path / "volumes"
@@ -61,7 +42,7 @@ def test_3d_pretraining_learns_and_kill_9_then_resume_auto_is_bit_identical(tmp_
     victim = subprocess.Popen(_cli(victim_dir, root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     kill_after = random.choice([5, 6])  # between the checkpoints of steps 4 and 8
-    _wait_for_step(victim_dir, kill_after, victim)
+    wait_for_step(victim_dir, kill_after, victim, timeout=900)
     assert victim.poll() is None, "the victim finished before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.communicate()

@@ -4,7 +4,6 @@ another number of ranks goes on from the checkpoint's step with the new layout."
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from run_records import metrics_records as _records
 
 from sparkme.data.shards.writer import write_shards
 from sparkme.engine.checkpoint import load_checkpoint
@@ -47,14 +47,6 @@ def _command(run_dir: Path, urls: str, ranks: int, *extra: str, port: int = 2960
 def _start(run_dir: Path, urls: str, ranks: int, port: int = 29602) -> subprocess.Popen:
     return subprocess.Popen(_command(run_dir, urls, ranks, port=port), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-def _records(run_dir: Path) -> list[dict]:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines if line.endswith("}")]
 
 
 def _kill_at_step(run_dir: Path, step: int, process: subprocess.Popen, ranks: int) -> None:

@@ -5,11 +5,9 @@ bad input at start-up as one line with exit status 2."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel
@@ -18,6 +16,8 @@ import pytest
 import torch
 from monai.networks import nets
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from run_records import metrics_records as _records
+from run_records import wait_for_step
 from test_volumes_export import _plans_network
 
 from sparkme.data.volumes_synthetic import write_blob_volumes
@@ -48,25 +48,6 @@ def _cli(run_dir: Path, root: Path, *overrides: str) -> list[str]:
             *overrides]
 
 
-def _records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
-
-
-def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if any(json.loads(line).get("step") == step for line in
-                   (run_dir / "metrics.jsonl").read_text().splitlines() if line.endswith("}")):
-                return
-        except FileNotFoundError:
-            pass
-        assert process.poll() is None, f"the run ended before step {step}: {process.communicate()[1][-3000:]}"
-        assert time.time() < deadline, f"step {step} did not appear"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_pretrain_sigterm_resume_export_and_hand_off(tmp_path):
     root = _volume_folder(tmp_path / "volumes")
@@ -75,7 +56,7 @@ def test_pretrain_sigterm_resume_export_and_hand_off(tmp_path):
     victim_dir = tmp_path / "stopped"
     victim = subprocess.Popen(_cli(victim_dir, root), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
-    _wait_for_step(victim_dir, 1, victim)
+    wait_for_step(victim_dir, 1, victim)
     victim.send_signal(signal.SIGTERM)
     stdout, stderr = victim.communicate(timeout=600)
     assert victim.returncode == 0, stderr[-3000:]
