@@ -20,6 +20,8 @@ import wandb
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from PIL import Image
+from run_records import metrics_records as _records
+from run_records import wait_for_step
 
 from sparkme.cli import CONFIG_DIR
 from sparkme.data import ImageFolderDataset
@@ -193,29 +195,6 @@ def test_sigterm_checkpoints_and_exits_cleanly_with_resume_hint(tmp_path):
     assert 1 <= state["step"] < 500
 
 
-def _records(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without the one wall-clock field, which no two runs share."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
-
-
-def _wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 600) -> None:
-    """Return as soon as metrics.jsonl has the line of ``step`` (polled often: the victim keeps training)."""
-    deadline = time.time() + timeout
-    while not any(r.get("step") == step and "loss" in r for r in _records_if_any(run_dir)):
-        assert process.poll() is None, f"the run ended before step {step}: {process.communicate()[1][-3000:]}"
-        assert time.time() < deadline, f"step {step} did not appear"
-        time.sleep(0.02)
-
-
-def _records_if_any(run_dir: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if line.endswith("}")]
-    except (FileNotFoundError, ValueError):
-        return []
-
-
 def test_kill_9_between_checkpoints_then_resume_auto_gives_the_uninterrupted_log_weights_and_pictures(tmp_path):
     # ConvNeXt with DropPath: resuming must also restore the RNG that drops the paths.
     common = ["model=convnext_atto", "model.drop_path_rate=0.1", "trainer.max_steps=9", "trainer.deterministic=true",
@@ -226,7 +205,7 @@ def test_kill_9_between_checkpoints_then_resume_auto_gives_the_uninterrupted_log
     victim = subprocess.Popen(_cli(victim_dir, *common), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     kill_after = random.choice([5, 6])  # between the checkpoints of steps 4 and 8
-    _wait_for_step(victim_dir, kill_after, victim)
+    wait_for_step(victim_dir, kill_after, victim)
     assert victim.poll() is None, "the victim finished before it could be killed"
     victim.kill()
     victim.communicate()
