@@ -2,7 +2,8 @@
 
 Features are ``(N, C)`` rows of the visible sites in row-major ``(batch, y, x)`` (volumes: ``(batch, z, y, x)``)
 order. A k x k (k x k x k) convolution is one gather through a neighbour table (built once per mask, stride and
-kernel by the ``MaskContext``) and one GEMM.
+kernel by the ``MaskContext``) and one GEMM. A volume's convolutions at its full-resolution stages run as dense
+blocks around the visible patches instead (``sparse/block_conv.py``): far fewer copies than 27 gathered taps.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparkme.sparse.base import SparseMap
+from sparkme.sparse.block_conv import block_conv, uses_blocks
 from sparkme.sparse.context import MaskContext
 from sparkme.sparse.conv import ConvSpec
 from sparkme.sparse.kernels import gather_avg_pool, gather_conv, gather_max_pool
@@ -59,9 +61,13 @@ class TorchSparseMap(SparseMap):
         return self.context.cached(("sample_ranges", self.stride), make)
 
     def gather_conv(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: ConvSpec) -> TorchSparseMap:
-        table = self.context.neighbours(self.stride, spec.kernel, spec.stride, spec.padding)
-        return TorchSparseMap(self.context, self.stride * spec.stride,
-                              gather_conv(self._features, table, weight, bias, spec))
+        if uses_blocks(self.context, self.stride, spec):  # volumes' large patches: dense blocks, not 27 copies
+            out = block_conv(self._features, self.context, self.stride, weight, spec)
+            out = out if bias is None else out + bias
+        else:
+            table = self.context.neighbours(self.stride, spec.kernel, spec.stride, spec.padding)
+            out = gather_conv(self._features, table, weight, bias, spec)
+        return TorchSparseMap(self.context, self.stride * spec.stride, out)
 
     def max_pool(self, kernel_size: int, stride: int, padding: int) -> TorchSparseMap:
         table = self.context.neighbours(self.stride, kernel_size, stride, padding)
