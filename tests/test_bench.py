@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import time
 import weakref
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from sparkme.bench import COLUMNS, BenchSettings, main, run_benchmark, steps
 from sparkme.bench.memory import saved_activation_bytes
+from sparkme.bench.peak_rss import peak_rss_delta
 from sparkme.errors import UsageError
 from sparkme.masking import random_mask
 
@@ -53,6 +55,7 @@ def test_step_rows_have_every_backend_then_the_reference_step(step_run):
         # a difference of timings: may even be negative in a one-repeat smoke run
         assert math.isfinite(row["dense_ms"]) and math.isfinite(row["step_attainable_vs_reference"])
         assert row["dense_dtype"] == "float32"
+        assert row["step_rss_bytes"] is not None and row["step_rss_bytes"] >= 0  # Linux: sampled
     backends, reference = rows[:-1], rows[-1]
     for row in backends:
         assert row["enc_ideal"] == pytest.approx(2.0) and _finite_positive(row["enc_vs_masked"])
@@ -210,3 +213,13 @@ def test_memory_after_the_kth_configuration_returns_to_the_first():
         resident.append(_resident_bytes())
     # Each configuration of ResNet-18 held ~46 MB more (its forward graphs) before the fix; the margin is noise.
     assert max(resident[1:]) - resident[0] < 40 * 2**20, [f"{r / 2**20:.0f} MiB" for r in resident]
+
+
+def test_peak_rss_sees_a_temporary_freed_before_the_call_returns():
+    def touch_and_free():
+        scratch = torch.ones(64 * 2**20 // 4)  # 64 MiB, written (resident), dropped at return
+        time.sleep(0.05)  # a loaded machine may not schedule the sampler during the fill alone
+        return float(scratch[-1])
+
+    assert peak_rss_delta(touch_and_free) >= 48 * 2**20
+    assert peak_rss_delta(lambda: None) < 16 * 2**20

@@ -20,7 +20,8 @@ measured ratio is what a faster sparse encoder could still win.
 
 Memory: on CPU the bytes held for backward at the end of the forward pass (``sparkme.bench.memory``), for the
 encoder and for the whole step's graph; on CUDA ``torch.cuda.max_memory_allocated`` during the timed call minus what
-was allocated before it.
+was allocated before it. On Linux CPUs also the **peak RSS** of one encoder pass and one whole step above the
+resident memory before it (``sparkme.bench.peak_rss``): every temporary included, not only what autograd keeps.
 
 Results: a table on stdout, ``results.csv``, ``results.json`` and ``speedup.png`` in the output folder.
 """

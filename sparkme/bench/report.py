@@ -22,6 +22,7 @@ COLUMNS = [
     "enc_ms", "enc_img_per_s", "enc_vs_masked", "enc_ideal", "enc_mem_bytes", "enc_mem_vs_masked",
     "step_ms", "step_img_per_s", "opt_ms", "dense_ms", "step_vs_masked", "step_attainable_vs_masked",
     "step_vs_reference", "step_attainable_vs_reference", "step_mem_bytes", "step_mem_vs_reference", "mem_kind",
+    "enc_rss_bytes", "enc_rss_vs_masked", "step_rss_bytes", "step_rss_vs_reference",
 ]
 
 # (header, key, format, scale) of the printed columns; the files hold every column.
@@ -34,6 +35,8 @@ TABLE = (
     ("mem vs ref", "step_mem_vs_reference", ".2f", 1), ("enc img/s", "enc_img_per_s", ".2f", 1),
     ("enc vs masked", "enc_vs_masked", ".2f", 1), ("ideal", "enc_ideal", ".2f", 1),
     ("enc MiB", "enc_mem_bytes", ".0f", 2**-20), ("enc mem vs masked", "enc_mem_vs_masked", ".2f", 1),
+    ("step RSS MiB", "step_rss_bytes", ".0f", 2**-20), ("RSS vs ref", "step_rss_vs_reference", ".2f", 1),
+    ("enc RSS MiB", "enc_rss_bytes", ".0f", 2**-20), ("enc RSS vs masked", "enc_rss_vs_masked", ".2f", 1),
 )
 
 

@@ -10,6 +10,7 @@ import torch
 
 from sparkme.bench import steps
 from sparkme.bench.memory import release_memory, saved_activation_bytes
+from sparkme.bench.peak_rss import peak_rss_delta
 from sparkme.bench.report import format_table, write_results
 from sparkme.bench.settings import REFERENCE, BenchSettings
 from sparkme.bench.steps import REFERENCE_STEP, Variant
@@ -81,7 +82,8 @@ def _measure(model: SparK, optimizer: torch.optim.Optimizer | None, variants: li
              mask: torch.Tensor, repeats: int, warmup: int) -> dict[str, dict[str, list[float] | int]]:
     """Per variant name: ``enc``/``step``/``opt`` seconds per repeat and ``enc_mem``/``step_mem`` bytes."""
     device = images.device
-    out: dict[str, dict] = {v.name: dict(enc=[], step=[], opt=[], enc_mem=None, step_mem=None) for v in variants}
+    out: dict[str, dict] = {v.name: dict(enc=[], step=[], opt=[], enc_mem=None, step_mem=None, enc_rss=None,
+                                         step_rss=None) for v in variants}
 
     def visit(variant: Variant, record: bool) -> None:
         variant.apply(model, optimizer)
@@ -114,6 +116,14 @@ def _measure(model: SparK, optimizer: torch.optim.Optimizer | None, variants: li
             if optimizer is not None:
                 out[variant.name]["step_mem"] = saved_activation_bytes(lambda: [model(images, mask)], exclude)
             model.zero_grad(set_to_none=True)
+        for variant in variants:  # and one more with the peak-RSS sampler, each from a trimmed heap
+            variant.apply(model, optimizer)
+            if variant.name != REFERENCE_STEP:
+                release_memory(device)
+                out[variant.name]["enc_rss"] = peak_rss_delta(lambda: steps.encoder_step(model, images, mask))
+            if optimizer is not None:
+                release_memory(device)
+                out[variant.name]["step_rss"] = peak_rss_delta(lambda: steps.train_step(model, optimizer, images, mask))
     return out
 
 
@@ -149,6 +159,9 @@ def _rows(model_name: str, variants: list[Variant], measured: dict, images: torc
             step_mem_bytes=m["step_mem"],
             step_mem_vs_reference=_ratio(m["step_mem"], measured.get(REFERENCE_STEP, {}).get("step_mem")),
             mem_kind="cuda_peak_delta" if device.type == "cuda" else "cpu_saved_tensors",
+            enc_rss_bytes=m["enc_rss"], enc_rss_vs_masked=_ratio(m["enc_rss"], measured[REFERENCE]["enc_rss"]),
+            step_rss_bytes=m["step_rss"],
+            step_rss_vs_reference=_ratio(m["step_rss"], measured.get(REFERENCE_STEP, {}).get("step_rss")),
         ))
     return rows
 
