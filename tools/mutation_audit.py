@@ -249,6 +249,21 @@ MUTATIONS = [
                ("        return cls(context, 1, images.movedim(1, -1))",
                 "        return cls(context, 1, images.movedim(1, -1), already_masked=True)")),),
         (("tests/test_volumes3d.py", "-k", "spark_rules"),), issue_table=False),
+    Mutation(
+        "3d-block-halo-overwrites",
+        "the patch-block conv's input gradient keeps one block's halo gradient instead of summing the overlaps",
+        (_edit("sparkme/sparse/block_conv.py",
+               ("padded.index_add_(0, table.view(-1), columns)", "padded.index_copy_(0, table.view(-1), columns)")),),
+        (("tests/test_block_conv.py",), ("tests/test_volumes3d.py", "-k", "equal_the_masked_oracle")),
+        issue_table=False),
+    Mutation(
+        "3d-block-order-transposed",
+        "the patch-block conv returns each block's sites in (z, x, y) order instead of row-major (z, y, x)",
+        (_edit("sparkme/sparse/block_conv.py",
+               ("within = ((coords[:, 1] % side) * side + coords[:, 2] % side) * side + coords[:, 3] % side",
+                "within = ((coords[:, 1] % side) * side + coords[:, 3] % side) * side + coords[:, 2] % side")),),
+        (("tests/test_block_conv.py",), ("tests/test_volumes3d.py", "-k", "equal_the_masked_oracle")),
+        issue_table=False),
 ]
 
 
