@@ -105,6 +105,11 @@ class SparseMap(abc.ABC):
         """``[(start, end)]`` rows of each sample when the rows are grouped by sample in batch order, else None."""
         return None
 
+    def row_samples(self) -> torch.Tensor | None:
+        """``(N,)`` long: the sample of each row, when ``features`` are the visible rows (in any order); None for a
+        map whose features include masked sites (the masked oracle)."""
+        return None
+
     def per_sample_count(self) -> torch.Tensor:
         """``(B,)`` number of visible sites of each sample (at least 1: every sample keeps a patch)."""
         mask = self.dense_mask()

@@ -2,7 +2,8 @@
 
 Weights stay in the dense ``nn.Conv2d`` layout (one layout for every backend, so checkpoints move between backends
 and export to dense models unchanged); ``dense_to_minkowski_kernel`` gives MinkowskiEngine's view of them at call
-time. Grouped and depthwise convolutions, and average pooling, gather through MinkowskiEngine's own kernel map
+time, and ``MinkowskiDenseWeightConv`` (``sparse/minkowski_conv.py``) keeps the weight itself for backward, not that
+view. Grouped and depthwise convolutions, and average pooling, gather through MinkowskiEngine's own kernel map
 (its channelwise conv module is a Python loop over the k*k offsets, and it has no grouped conv).
 """
 
@@ -23,29 +24,17 @@ try:
         warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY")
         import MinkowskiEngine as ME
         from MinkowskiEngineBackend._C import ConvolutionMode
+
+        from sparkme.sparse.minkowski_conv import (  # noqa: F401 (the layout functions are this backend's API)
+            MinkowskiDenseWeightConv,
+            dense_to_minkowski_kernel,
+            minkowski_to_dense_kernel,
+        )
 except ImportError as error:  # pragma: no cover - the registry reports this with an install hint
     raise ImportError(
         "the 'minkowski' backend needs MinkowskiEngine: run `python tools/install_minkowski.py` "
         f"(builds and caches a wheel for your torch) ({error})"
     ) from error
-
-
-def dense_to_minkowski_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense ``(C_out, C_in, k, k)`` conv weight -> MinkowskiEngine kernel ``(k*k, C_in, C_out)``.
-
-    MinkowskiEngine numbers the offsets of a kernel with the *first* spatial coordinate (our y; z for volumes)
-    varying fastest: offset index ``ix * k + iy`` (``(ix * k + iy) * k + iz``). So
-    ``kernel[ix * k + iy, i, o] == weight[o, i, iy, ix]``: every axis reversed, then channels.
-    """
-    c_out, c_in = weight.shape[:2]
-    return weight.permute(*reversed(range(weight.dim()))).reshape(-1, c_in, c_out).contiguous()
-
-
-def minkowski_to_dense_kernel(kernel: torch.Tensor, kernel_size: int, spatial_dims: int = 2) -> torch.Tensor:
-    """Inverse of ``dense_to_minkowski_kernel``: ``(k**D, C_in, C_out)`` -> ``(C_out, C_in, k, ..., k)``."""
-    _, c_in, c_out = kernel.shape
-    reshaped = kernel.reshape(*[kernel_size] * spatial_dims, c_in, c_out)
-    return reshaped.permute(*reversed(range(reshaped.dim()))).contiguous()
 
 
 class MinkowskiMap(SparseMap):
@@ -115,6 +104,9 @@ class MinkowskiMap(SparseMap):
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
         return values[self._batch_index()]
 
+    def row_samples(self) -> torch.Tensor:
+        return self._batch_index()
+
     def _kernel_generator(self, kernel_size: int, stride: int) -> ME.KernelGenerator:
         return self.context.cached(
             ("me_kernel", kernel_size, stride),
@@ -137,8 +129,8 @@ class MinkowskiMap(SparseMap):
         # result comes back in the features' dtype, as an autocast conv would give it.
         dtype = torch.promote_types(features.dtype, weight.dtype)
         dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-        out = ME.MinkowskiConvolutionFunction.apply(
-            features.to(dtype), dense_to_minkowski_kernel(weight).to(dtype), generator, ConvolutionMode.DEFAULT,
+        out = MinkowskiDenseWeightConv.apply(
+            features.to(dtype), weight.to(dtype), generator, ConvolutionMode.DEFAULT,
             self.tensor.coordinate_map_key, out_key, self.tensor.coordinate_manager,
         ).to(features.dtype if features.dtype in (torch.bfloat16, torch.float16) else dtype)
         if bias is not None:

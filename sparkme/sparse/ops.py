@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparkme.sparse.base import SparseMap
+from sparkme.sparse.row_group_norm import row_group_norm
 
 # Modules f with f(0) = 0: a masked-dense map stays zero at its masked sites through them (no re-masking).
 ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.Dropout, nn.Identity)
@@ -38,10 +39,11 @@ def group_norm(x: SparseMap, groups: int, weight: torch.Tensor | None, bias: tor
     ``SparseInstanceNorm3d`` for ``groups == C``; ``GroupNorm`` otherwise): ``(x - mean) / sqrt(var + eps)`` with
     the biased variance, then the per-channel affine.
 
-    Sums run through ``per_sample_sum`` (an index-add over rows; the masked oracle sums its zeroed dense grid). A
-    map whose rows are grouped by sample (``sample_row_ranges``) runs torch's own ``group_norm`` on each sample's
-    rows instead: the same statistics, and autograd keeps only the input rows and two numbers per group (the
-    formula below keeps four ``(N, C)`` tensors).
+    A map whose rows are grouped by sample (``sample_row_ranges``) runs torch's own ``group_norm`` on each sample's
+    rows; other true-sparse maps (MinkowskiEngine's rows are in hash order) run ``row_group_norm`` through each
+    row's sample. Both keep only the input rows and two numbers per sample and group for backward. The masked
+    oracle runs the formula below with autograd's elementary ops (sums of its zeroed dense grid), which keeps four
+    ``(N, C)`` tensors.
     """
     ranges = x.sample_row_ranges()
     # (torch's group_norm refuses a group of one value, where the formula gives the bias: a one-site sample)
@@ -49,6 +51,9 @@ def group_norm(x: SparseMap, groups: int, weight: torch.Tensor | None, bias: tor
         rows = x.features
         parts = [F.group_norm(rows[start:end].t()[None], groups, weight, bias, eps)[0].t() for start, end in ranges]
         return x.with_features(torch.cat(parts) if len(parts) > 1 else parts[0].contiguous())
+    samples = x.row_samples()
+    if samples is not None:
+        return x.with_features(row_group_norm(x.features, samples, x.per_sample_count(), groups, weight, bias, eps))
     features = x.features  # zero at masked sites
     channels = features.shape[-1]
     per_group = channels // groups

@@ -51,6 +51,9 @@ class TorchSparseMap(SparseMap):
     def per_sample_broadcast(self, values: torch.Tensor) -> torch.Tensor:
         return values[self.context.batch_index(self.stride)]
 
+    def row_samples(self) -> torch.Tensor:
+        return self.context.batch_index(self.stride)
+
     def sample_row_ranges(self) -> list[tuple[int, int]]:
         """Rows are in row-major ``(batch, ...)`` order: each sample's rows are one range."""
 
