@@ -1,7 +1,8 @@
 """Across nodes: two torchrun launchers with ``--nnodes=2`` on 127.0.0.1 (c10d rendezvous, gloo), started as
 docs/multinode.md says. A worker killed with -9 between checkpoints is restarted by torchrun and resumes from the
 last checkpoint; a node then lost for good ends with one line naming the checkpoint that survives; the run continued
-from it ends bit-identical to an uninterrupted one (final weights, ``metrics.jsonl`` line for line)."""
+from it ends bit-identical to an uninterrupted one (final weights, ``metrics.jsonl`` line for line). The same on
+WebDataset shards (``data=shards``)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
+from sparkme.data.shards.writer import write_shards
 from sparkme.engine.checkpoint import load_checkpoint
 from sparkme.engine.config_checks import check_trainer
 from sparkme.engine.core import Trainer
@@ -112,14 +115,16 @@ class Node:
         return self.out.with_suffix(".err").read_text(errors="replace")
 
 
-def _start_pair(tmp_path: Path, name: str, run_dir: Path, backend: str) -> tuple[Node, Node]:
-    """Two launchers of one rendezvous; the first hosts the rendezvous store, so the second can be lost."""
+def _start_pair(tmp_path: Path, name: str, run_dir: Path, backend: str,
+                data: tuple[str, ...] = ()) -> tuple[Node, Node]:
+    """Two launchers of one rendezvous; the first hosts the rendezvous store, so the second can be lost. ``data``:
+    overrides of the data group (none: the bundled photos' folder)."""
     port = _free_port()
     nodes = []
     for index in range(2):
         out = tmp_path / f"{name}_{index}.out"
         command = [sys.executable, "-m", "torch.distributed.run", *torchrun_flags(port, f"{name}{port}"), "-m",
-                   "sparkme.cli", f"backend={backend}", f"run_dir={run_dir}", *TRAIN]
+                   "sparkme.cli", f"backend={backend}", f"run_dir={run_dir}", *TRAIN, *data]
         launcher = subprocess.Popen(command, cwd=REPO, stdout=out.open("w"), stderr=out.with_suffix(".err").open("w"),
                                     env=dict(os.environ, OMP_NUM_THREADS="1", **ENV))
         nodes.append(Node(launcher, out))
@@ -156,13 +161,28 @@ def _wait_for_step(run_dir: Path, step: int, nodes: tuple[Node, ...], timeout: f
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> tuple[str, ...]:
+    """``data=shards`` on 16 generated images in 4 shards (5, 5, 5, 1): uneven across the two nodes,
+    read by two loader workers on each."""
+    folder, out = tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("shards")
+    generator = torch.Generator().manual_seed(0)
+    for index in range(16):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    write_shards(folder, out, per_shard=5)
+    return ("data=shards", f'data.urls="{out}/train-{{000000..000003}}.tar"', "data.shuffle_buffer=3",
+            "data.num_workers=2")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "minkowski"])
+@pytest.mark.parametrize("backend,source", [("torch", "folder"), ("minkowski", "folder"), ("torch", "shards")])
 def test_a_killed_worker_restarts_a_lost_node_says_what_survives_and_the_run_ends_as_if_uninterrupted(
-        tmp_path, backend):
-    straight = _start_pair(tmp_path, "straight", tmp_path / "straight", backend)
+        tmp_path, request, backend, source):
+    data = request.getfixturevalue("shards") if source == "shards" else ()
+    straight = _start_pair(tmp_path, "straight", tmp_path / "straight", backend, data)
     run_dir = tmp_path / "faulty"
-    first, second = _start_pair(tmp_path, "faulty", run_dir, backend)
+    first, second = _start_pair(tmp_path, "faulty", run_dir, backend, data)
 
     _wait_for_step(run_dir, 3, (first, second))  # between the checkpoints of steps 2 and 4
     second.kill_worker()  # torchrun restarts both nodes' workers; they resume from step 2
@@ -178,7 +198,7 @@ def test_a_killed_worker_restarts_a_lost_node_says_what_survives_and_the_run_end
     assert "connectFullMesh" not in first.stderr()  # the restart took one attempt (TORCH_DISABLE_SHARE_RDZV_...)
     assert load_checkpoint(latest)["step"] == 4
 
-    again = _start_pair(tmp_path, "again", run_dir, backend)  # the node is back: resume=auto continues
+    again = _start_pair(tmp_path, "again", run_dir, backend, data)  # the node is back: resume=auto continues
     for node in (*again, *straight):
         assert node.wait(timeout=300) == 0, node.stderr()[-3000:]
     assert _records(run_dir) == _records(tmp_path / "straight")
@@ -208,6 +228,12 @@ def test_a_lost_peer_is_told_apart_and_described_in_one_line(tmp_path):
     with pytest.raises(RankLostError, match="at step 40"):
         raise_if_rank_lost(gloo, DistInfo(world_size=2), latest, 600)
     raise_if_rank_lost(gloo, DistInfo(), latest, 600)  # one process: not a lost peer, the error stays as it is
+    # a loader worker's SIGTERM (torchrun stopping the node) raised while gloo's error is being handled: the line
+    # still names the peer and the cause, read from the chain
+    loader = RuntimeError("DataLoader worker (pid 1012) is killed by signal: Terminated.")
+    loader.__context__ = gloo
+    assert describe_loss(loader, latest, 600).startswith(
+        "lost contact with the rank at 10.0.0.7 (Connection reset by peer)")
 
 
 def _convs() -> nn.Module:

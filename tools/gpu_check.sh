@@ -7,7 +7,8 @@
 #   .cache/minkowski/sdist/     the MinkowskiEngine 0.5.4 sdist, built there for that machine's torch
 # It installs the wheels into a private folder on PYTHONPATH (the machine's own packages stay untouched), builds and
 # installs MinkowskiEngine for the local torch, runs the equivalence tests on CUDA for all three backends, a
-# training step, and sparkme-bench (resnet50, convnext_tiny; ratios 0.6/0.75/0.9; batch 64). Each step has a time
+# training step, and sparkme-bench (resnet50, convnext_tiny; ratios 0.6/0.75/0.9; batch 64; then ResEnc-L volumes
+# at 128^3, masks 0.75/0.9, batch 2). Each step has a time
 # limit and all share one budget (GPU_CHECK_BUDGET, 560 s), so the check ends in time even when a step hangs.
 # Results go to $RESULTS (default ./gpu_results): gpu_check.log, status.txt, one log per step, bench/*. When $OUT is
 # set (the device tool's folder that comes back, at most 8 files), it receives gpu_results.tar.gz (everything but
@@ -24,7 +25,8 @@ if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python
 PY=${PYTHON:-python3}
 # Versions CI tests with (timm too, so the GPU run checks the same model code); all pure Python, so one wheel
 # serves any CPython 3.
-CARRIED=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31)
+CARRIED=(hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 timm==1.0.31
+         dynamic-network-architectures==0.4.2 einops==0.8.2)  # the last two: the 3-D ResEnc benchmark
 
 if [ "$MODE" = "--prepare" ]; then
   set -e
@@ -56,6 +58,7 @@ pack() {  # what comes back from the device machine: one archive plus the files 
   cp "$RESULTS/gpu_check.log" "$RESULTS/status.txt" "$OUT/" 2>/dev/null
   cp "$RESULTS/bench/results.csv" "$OUT/bench_results.csv" 2>/dev/null
   cp "$RESULTS/bench.log" "$OUT/bench.log" 2>/dev/null
+  cp "$RESULTS/bench3d/results.csv" "$OUT/bench3d_results.csv" 2>/dev/null
   tail -n 30 "$RESULTS/equivalence_tests.log" > "$OUT/equivalence_tests_tail.log" 2>/dev/null
   return 0
 }
@@ -69,11 +72,13 @@ if [ "$MODE" = "--dry-run" ]; then
   ME_ARGS=(--device cpu)
   BENCH=(--models resnet18 --ratios 0.6,0.9 --batch-sizes 2 --image-size 64 --repeats 1 --warmup 0)
   TESTS=(tests/test_encoders.py -k "float64 and resnet18")
+  BENCH3D=(--models resenc_tiny --ratios 0.75 --batch-sizes 1 --image-size 32 --repeats 1 --warmup 0)
 else
   DEVICE=cuda
   ME_ARGS=(--device cuda --cuda-arch "${TORCH_CUDA_ARCH_LIST:-9.0}")
   BENCH=(--models resnet50,convnext_tiny --ratios 0.6,0.75,0.9 --batch-sizes 64 --repeats 5 --warmup 2)
   TESTS=(tests/test_encoders.py tests/test_sparse_map.py)
+  BENCH3D=(--models resenc_l --ratios 0.75,0.9 --batch-sizes 2 --image-size 128 --repeats 3 --warmup 1)
 fi
 if [ -d wheels ]; then
   SITE=$(mktemp -d /tmp/sparkme-site-XXXX)
@@ -97,5 +102,7 @@ step equivalence_tests 120 $PY -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}
 step train_step 60 $PY -m sparkme.cli debug=fast "trainer.device=$DEVICE" "run_dir=$RESULTS/train_step" backend=minkowski \
   logger.wandb_mode=disabled
 step bench 180 $PY tools/bench.py "${BENCH[@]}" --device "$DEVICE" --train-step --out "$RESULTS/bench"
+step bench3d 120 $PY tools/bench.py "${BENCH3D[@]}" --backends torch,minkowski --device "$DEVICE" --train-step \
+  --out "$RESULTS/bench3d"
 log "summary:"; tee -a "$RESULTS/gpu_check.log" < "$RESULTS/status.txt"
 ! grep -qv ' 0$' "$RESULTS/status.txt"

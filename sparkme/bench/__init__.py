@@ -10,7 +10,8 @@ For every model x batch size x mask ratio, on the *same* seeded images and mask 
     of the dense half (``SparK.dense_layout``: channels-last on CPU; ``--bf16`` opt-in autocast);
 and the **reference step** runs once more: ``masked`` with the plain (contiguous, float32) dense half and timm's own
 LAMB step, i.e. SparK's own step. Variants are interleaved (every repeat visits each once, in turn) so that drift
-of the machine hits all alike; medians over the repeats after warm-up are reported.
+of the machine hits all alike; medians over the repeats after warm-up are reported, with their spread ((max - min) /
+median of the repeats).
 
 Ratios: ``enc_vs_masked`` (encoder against masked's encoder; ideal ``1/visible``), ``step_vs_masked`` and
 ``step_vs_reference`` (step against masked's / the reference step). The **attainable** ratios take the measured

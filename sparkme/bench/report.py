@@ -19,7 +19,8 @@ from sparkme.bench.steps import REFERENCE_STEP
 COLUMNS = [
     "model", "backend", "device", "image_size", "batch", "ratio", "visible_frac", "repeats", "warmup",
     "dense_layout", "dense_dtype",
-    "enc_ms", "enc_img_per_s", "enc_vs_masked", "enc_ideal", "enc_mem_bytes", "enc_mem_vs_masked",
+    "enc_ms", "enc_spread", "step_spread", "enc_img_per_s", "enc_vs_masked",
+    "enc_ideal", "enc_mem_bytes", "enc_mem_vs_masked",
     "step_ms", "step_img_per_s", "opt_ms", "dense_ms", "step_vs_masked", "step_attainable_vs_masked",
     "step_vs_reference", "step_attainable_vs_reference", "step_mem_bytes", "step_mem_vs_reference", "mem_kind",
     "enc_rss_bytes", "enc_rss_vs_masked", "step_rss_bytes", "step_rss_vs_reference",
@@ -35,6 +36,7 @@ TABLE = (
     ("mem vs ref", "step_mem_vs_reference", ".2f", 1), ("enc img/s", "enc_img_per_s", ".2f", 1),
     ("enc vs masked", "enc_vs_masked", ".2f", 1), ("ideal", "enc_ideal", ".2f", 1),
     ("enc MiB", "enc_mem_bytes", ".0f", 2**-20), ("enc mem vs masked", "enc_mem_vs_masked", ".2f", 1),
+    ("step spread", "step_spread", ".0%", 1), ("enc spread", "enc_spread", ".0%", 1),
     ("step RSS MiB", "step_rss_bytes", ".0f", 2**-20), ("RSS vs ref", "step_rss_vs_reference", ".2f", 1),
     ("enc RSS MiB", "enc_rss_bytes", ".0f", 2**-20), ("enc RSS vs masked", "enc_rss_vs_masked", ".2f", 1),
 )

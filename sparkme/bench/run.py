@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -149,7 +150,8 @@ def _rows(model_name: str, variants: list[Variant], measured: dict, images: torc
             dense_layout="channels_last" if dense_memory_format(variant.dense_layout, device) == torch.channels_last
             else "contiguous",
             dense_dtype=str(variant.dense_autocast or images.dtype).removeprefix("torch."),
-            enc_ms=enc, enc_img_per_s=_rate(batch, enc), enc_vs_masked=_ratio(enc_ms[REFERENCE], enc),
+            enc_ms=enc, enc_spread=_spread(m["enc"]), step_spread=_spread(m["step"]),
+            enc_img_per_s=_rate(batch, enc), enc_vs_masked=_ratio(enc_ms[REFERENCE], enc),
             enc_ideal=None if enc is None else 1.0 / visible,
             enc_mem_bytes=m["enc_mem"], enc_mem_vs_masked=_ratio(m["enc_mem"], measured[REFERENCE]["enc_mem"]),
             step_ms=step, step_img_per_s=_rate(batch, step), opt_ms=median_ms(m["opt"]) if m["opt"] else None,
@@ -164,6 +166,11 @@ def _rows(model_name: str, variants: list[Variant], measured: dict, images: torc
             step_rss_vs_reference=_ratio(m["step_rss"], measured.get(REFERENCE_STEP, {}).get("step_rss")),
         ))
     return rows
+
+
+def _spread(seconds: list[float]) -> float | None:
+    """(max - min) / median of the repeats: how far apart the timed runs were (None for fewer than two)."""
+    return (max(seconds) - min(seconds)) / statistics.median(seconds) if len(seconds) > 1 else None
 
 
 def _rate(batch: int, ms: float | None) -> float | None:

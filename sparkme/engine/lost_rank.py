@@ -51,10 +51,20 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
+def _chain_text(error: BaseException) -> str:
+    """The messages of ``error`` and of every error it was raised from or during: the peer's address and the cause
+    may sit in any of them (a loader or a wrapper may re-raise gloo's error under its own message)."""
+    texts = []
+    while error is not None:
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
 def describe_loss(error: BaseException, latest: Path, timeout_s: int) -> str:
     """``lost contact with the rank at 10.0.0.7 (Connection reset by peer) ...; the last checkpoint is ... at step
     N; continue with the same command plus resume=auto``."""
-    text = str(error)
+    text = _chain_text(error)
     peer = _PEER.search(text)
     who = f"the rank at {peer.group(1)}" if peer else "another rank"
     cause = next((c for c in CAUSES if c in text), type(error).__name__)
