@@ -9,6 +9,9 @@ Each backend runs ``sparkme-pretrain`` (``debug=fast`` at ``--image-size`` px on
 - **RSS slope**: the least-squares slope of the samples (the last step's left out: the held-out loss, checkpoint
   and exports of the run's end run then), in MB per 1,000 steps (a leak shows as a steady slope;
   target < 5);
+- **floor slope**: the same fit through the lowest sample of each run of ``FLOOR_WINDOW`` samples. A sample taken
+  inside a step also holds that step's temporaries; the memory between steps is the floor, and a leak raises the
+  floor, while a few samples caught mid-step (which can tilt the plain slope of a short run) do not;
 - **step-time drift**: the mean step time of the last third of the samples against the first third, in %.
 
 Results: a table on stdout and ``soak.json`` in ``--out``.
@@ -30,6 +33,7 @@ from sparkme.bench.report import cpu_model
 from sparkme.errors import UsageError, run_reporting_usage_errors
 
 PROG = "sparkme-bench soak"
+FLOOR_WINDOW = 5  # samples per floor point: 10 points over 3,000 steps sampled every 50 after a 500-step warm-up
 BACKENDS = ("torch", "masked", "minkowski", "ddp")
 
 
@@ -81,6 +85,20 @@ def fit_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread if spread else 0.0
 
 
+def floor_slope(steps: Sequence[int], mb: Sequence[float], window: int = FLOOR_WINDOW) -> float:
+    """Least-squares slope of the lowest value of each run of ``window`` consecutive samples, over the mean step of
+    that run (a last, shorter run counts when it holds at least half a window); the plain slope when there are
+    fewer than two such runs."""
+    points = []
+    for start in range(0, len(steps), window):
+        part = range(start, min(start + window, len(steps)))
+        if len(part) * 2 >= window:
+            points.append((sum(steps[i] for i in part) / len(part), min(mb[i] for i in part)))
+    if len(points) < 2:
+        return fit_slope(steps, mb)
+    return fit_slope([x for x, _ in points], [y for _, y in points])
+
+
 def soak(backend: str, steps: int, warmup: int, every: int, image_size: int) -> dict:
     """Run one backend; its samples and figures."""
     with tempfile.TemporaryDirectory() as temporary:
@@ -101,6 +119,7 @@ def soak(backend: str, steps: int, warmup: int, every: int, image_size: int) -> 
     if len(kept) < 3:
         raise RuntimeError(f"{backend}: only {len(kept)} samples after the warm-up; lower --every or --warmup")
     slope = fit_slope([s[0] for s in kept], [s[2] for s in kept]) * 1000
+    floor = floor_slope([s[0] for s in kept], [s[2] for s in kept]) * 1000
     third = max(2, len(kept) // 3)
 
     def step_s(part: list[tuple[int, float, float]]) -> float:
@@ -109,6 +128,7 @@ def soak(backend: str, steps: int, warmup: int, every: int, image_size: int) -> 
     first, last = step_s(kept[:third]), step_s(kept[-third:])
     return {"backend": backend, "steps": steps, "warmup": warmup, "samples": len(kept),
             "rss_mb_start": kept[0][2], "rss_mb_end": kept[-1][2], "rss_slope_mb_per_1000_steps": slope,
+            "rss_floor_slope_mb_per_1000_steps": floor,
             "step_ms_first_third": 1000 * first, "step_ms_last_third": 1000 * last,
             "step_time_drift_pct": 100 * (last - first) / first if first else 0.0,
             "trace": [list(s) for s in samples]}
@@ -136,15 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{args.steps} --every {args.every}")
         print(f"CPU: {cpu_model()}; {args.steps} steps at {args.image_size} px, batch 2, figures after "
               f"{args.warmup}", flush=True)
-        print("| backend | RSS after warm-up (MB) | RSS at end (MB) | RSS slope (MB / 1,000 steps) | step ms (first "
-              "third -> last third) | drift |")
-        print("|---|---|---|---|---|---|", flush=True)
+        print("| backend | RSS after warm-up (MB) | RSS at end (MB) | RSS slope (MB / 1,000 steps) | floor slope | "
+              "step ms (first third -> last third) | drift |")
+        print("|---|---|---|---|---|---|---|", flush=True)
         results = []
         for backend in backends:
             result = soak(backend, args.steps, args.warmup, args.every, args.image_size)
             results.append(result)
             print(f"| {backend} | {result['rss_mb_start']:.0f} | {result['rss_mb_end']:.0f} | "
-                  f"{result['rss_slope_mb_per_1000_steps']:+.2f} | {result['step_ms_first_third']:.1f} -> "
+                  f"{result['rss_slope_mb_per_1000_steps']:+.2f} | "
+                  f"{result['rss_floor_slope_mb_per_1000_steps']:+.2f} | {result['step_ms_first_third']:.1f} -> "
                   f"{result['step_ms_last_third']:.1f} | {result['step_time_drift_pct']:+.1f} % |", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
