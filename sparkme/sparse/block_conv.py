@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from sparkme.sparse.context import MaskContext
 from sparkme.sparse.conv import ConvSpec
 
-# Below this patch side (in voxels of the input map) the halo makes the blocks larger than the 27 gathered copies
-# are costly: at p = 8 a block is (10/8)^3 ~ 2x the patch. Measured on ResEnc-L at 96^3 (docs/volumes-engine.md).
+# Smallest patch side (sites of the input map) that runs as blocks. The halo grows a block to ((p + 2) / p)^3 of its
+# patch (2x at p = 8, 3.4x at 4, 8x at 2) while the deeper stages' channels make the gathered GEMM efficient; one
+# conv's forward + backward against the gather-GEMM, ResEnc-L at 96^3: 0.43x the time at p = 8, 0.95x at 4, 1.3x at
+# 2 (docs/volumes-engine.md, "Why patch blocks").
 MIN_BLOCK_SIDE = 4
 
 
