@@ -199,7 +199,7 @@ def test_the_torchvision_decoder_reads_jpegs_and_leaves_other_formats_to_pil():
     tensor, _ = decode(encoded.getvalue(), "torchvision")
     pil, _ = decode(encoded.getvalue(), "pil")
     assert isinstance(tensor, torch.Tensor) and tensor.shape == (3, 8, 16) and tensor.dtype == torch.uint8
-    assert (tensor.int() - torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).int()).abs().max() <= 2
+    assert (tensor.int() - torch.from_numpy(np.array(pil)).permute(2, 0, 1).int()).abs().max() <= 2
     assert isinstance(decode(_png(7), "torchvision")[0], Image.Image)
     assert decode(b"\xff\xd8 broken", "torchvision")[0] is None
     with pytest.raises(UsageError, match="data.decoder must be one of pil, torchvision, got 'turbo'"):
