@@ -23,10 +23,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
+from shard_fixtures import uneven_shard_urls
 from torch import nn
 
-from sparkme.data.shards.writer import write_shards
 from sparkme.engine.checkpoint import load_checkpoint
 from sparkme.engine.config_checks import check_trainer
 from sparkme.engine.core import Trainer
@@ -165,14 +164,7 @@ def _wait_for_step(run_dir: Path, step: int, nodes: tuple[Node, ...], timeout: f
 def shards(tmp_path_factory) -> tuple[str, ...]:
     """``data=shards`` on 16 generated images in 4 shards (5, 5, 5, 1): uneven across the two nodes,
     read by two loader workers on each."""
-    folder, out = tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("shards")
-    generator = torch.Generator().manual_seed(0)
-    for index in range(16):
-        pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{index}.png")
-    write_shards(folder, out, per_shard=5)
-    return ("data=shards", f'data.urls="{out}/train-{{000000..000003}}.tar"', "data.shuffle_buffer=3",
-            "data.num_workers=2")
+    return "data=shards", uneven_shard_urls(tmp_path_factory), "data.shuffle_buffer=3", "data.num_workers=2"
 
 
 @pytest.mark.slow

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from run_records import metrics_records as _records
+from shard_fixtures import uneven_shard_urls
 
-from sparkme.data.shards.writer import write_shards
 from sparkme.engine.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,13 +28,7 @@ TRAIN = ["debug=fast", "backend=torch", "trainer.device=cpu", "data=shards", "da
 
 @pytest.fixture(scope="module")
 def urls(tmp_path_factory) -> str:
-    folder, out = tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("shards")
-    generator = torch.Generator().manual_seed(0)
-    for index in range(16):
-        pixels = torch.randint(0, 256, (40, 48, 3), generator=generator, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{index}.png")
-    write_shards(folder, out, per_shard=5)
-    return f'data.urls="{out}/train-{{000000..000003}}.tar"'
+    return uneven_shard_urls(tmp_path_factory)
 
 
 def _command(run_dir: Path, urls: str, ranks: int, *extra: str, port: int = 29602) -> list[str]:

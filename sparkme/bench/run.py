@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from sparkme.bench.peak_rss import peak_rss_delta
 from sparkme.bench.report import format_table, write_results
 from sparkme.bench.settings import REFERENCE, BenchSettings
 from sparkme.bench.steps import REFERENCE_STEP, Variant
-from sparkme.bench.timing import median_ms, timed
+from sparkme.bench.timing import median_ms, spread, timed
 from sparkme.masking import PATCH_SIZE, num_visible_of, random_grid_mask, random_mask
 from sparkme.models.spark import SparK, dense_memory_format
 
@@ -150,7 +149,7 @@ def _rows(model_name: str, variants: list[Variant], measured: dict, images: torc
             dense_layout="channels_last" if dense_memory_format(variant.dense_layout, device) == torch.channels_last
             else "contiguous",
             dense_dtype=str(variant.dense_autocast or images.dtype).removeprefix("torch."),
-            enc_ms=enc, enc_spread=_spread(m["enc"]), step_spread=_spread(m["step"]),
+            enc_ms=enc, enc_spread=spread(m["enc"]), step_spread=spread(m["step"]),
             enc_img_per_s=_rate(batch, enc), enc_vs_masked=_ratio(enc_ms[REFERENCE], enc),
             enc_ideal=None if enc is None else 1.0 / visible,
             enc_mem_bytes=m["enc_mem"], enc_mem_vs_masked=_ratio(m["enc_mem"], measured[REFERENCE]["enc_mem"]),
@@ -166,11 +165,6 @@ def _rows(model_name: str, variants: list[Variant], measured: dict, images: torc
             step_rss_vs_reference=_ratio(m["step_rss"], measured.get(REFERENCE_STEP, {}).get("step_rss")),
         ))
     return rows
-
-
-def _spread(seconds: list[float]) -> float | None:
-    """(max - min) / median of the repeats: how far apart the timed runs were (None for fewer than two)."""
-    return (max(seconds) - min(seconds)) / statistics.median(seconds) if len(seconds) > 1 else None
 
 
 def _rate(batch: int, ms: float | None) -> float | None:

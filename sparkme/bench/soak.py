@@ -118,8 +118,8 @@ def soak(backend: str, steps: int, warmup: int, every: int, image_size: int) -> 
     kept = [s for s in samples if warmup <= s[0] < steps]  # the last step's sample also holds the run's ending
     if len(kept) < 3:
         raise RuntimeError(f"{backend}: only {len(kept)} samples after the warm-up; lower --every or --warmup")
-    slope = fit_slope([s[0] for s in kept], [s[2] for s in kept]) * 1000
-    floor = floor_slope([s[0] for s in kept], [s[2] for s in kept]) * 1000
+    kept_steps, kept_mb = [s[0] for s in kept], [s[2] for s in kept]
+    slope, floor = fit_slope(kept_steps, kept_mb) * 1000, floor_slope(kept_steps, kept_mb) * 1000
     third = max(2, len(kept) // 3)
 
     def step_s(part: list[tuple[int, float, float]]) -> float:

@@ -1,4 +1,4 @@
-"""Wall time and CUDA peak memory of one call, and the medians reported."""
+"""Wall time and CUDA peak memory of one call, and the medians and spreads reported."""
 
 from __future__ import annotations
 
@@ -35,3 +35,8 @@ def timed(step: Callable[[], object], device: torch.device) -> tuple[float, int 
 
 def median_ms(seconds: list[float]) -> float:
     return 1000.0 * statistics.median(seconds)
+
+
+def spread(seconds: list[float]) -> float | None:
+    """(max - min) / median of the repeats: how far apart the timed runs were (None for fewer than two)."""
+    return (max(seconds) - min(seconds)) / statistics.median(seconds) if len(seconds) > 1 else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,13 +35,18 @@ class RankLostError(RuntimeError):
     """Another rank stopped answering; the message is one line ending with how to continue."""
 
 
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and every error it was raised from or during: a loader or a wrapper may re-raise gloo's error under
+    its own message, so the peer's address and the cause may sit in any of them."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def is_rank_lost(error: BaseException) -> bool:
     """Whether ``error`` (or what it was raised from) is a collective that lost its peers."""
-    while error is not None:
-        if isinstance(error, dist.DistError) or any(marker in str(error) for marker in LOSS_MARKERS):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(link, dist.DistError) or any(marker in str(link) for marker in LOSS_MARKERS)
+               for link in _chain(error))
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -51,20 +57,10 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def _chain_text(error: BaseException) -> str:
-    """The messages of ``error`` and of every error it was raised from or during: the peer's address and the cause
-    may sit in any of them (a loader or a wrapper may re-raise gloo's error under its own message)."""
-    texts = []
-    while error is not None:
-        texts.append(str(error))
-        error = error.__cause__ or error.__context__
-    return "\n".join(texts)
-
-
 def describe_loss(error: BaseException, latest: Path, timeout_s: int) -> str:
     """``lost contact with the rank at 10.0.0.7 (Connection reset by peer) ...; the last checkpoint is ... at step
     N; continue with the same command plus resume=auto``."""
-    text = _chain_text(error)
+    text = "\n".join(str(link) for link in _chain(error))
     peer = _PEER.search(text)
     who = f"the rank at {peer.group(1)}" if peer else "another rank"
     cause = next((c for c in CAUSES if c in text), type(error).__name__)
